@@ -1,0 +1,485 @@
+// Package agent is the vpcreach agent: it keeps a reverse tunnel to the
+// proxy cluster open for ever and serves the streams the servers open on
+// it, dialling only the targets it exposes.
+package agent
+
+import (
+	"context"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	crand "crypto/rand"
+
+	"github.com/vpcreach/vpcreach/internal/netx"
+	"github.com/vpcreach/vpcreach/registry"
+	"github.com/vpcreach/vpcreach/tunnel"
+)
+
+// Stats are the agent's counters.
+type Stats struct {
+	Sessions     atomic.Int64 // live sessions (2 during a move)
+	Reconnects   atomic.Int64
+	StreamsOpen  atomic.Int64
+	StreamsAtCap atomic.Int64
+	NotExposed   atomic.Int64 // streams refused: target not exposed
+	DialFailures atomic.Int64
+}
+
+// Agent keeps the tunnel and serves its streams.
+type Agent struct {
+	cfg   Config
+	log   *slog.Logger
+	token string
+	Stats Stats
+
+	// MinVersion and MaxVersion are the protocol range announced in the
+	// hello; tests lower MaxVersion to play an older agent.
+	MinVersion, MaxVersion int
+
+	genMu   sync.Mutex
+	lastGen uint64
+
+	mu       sync.Mutex
+	sessions map[*session]struct{}
+	current  *session
+	draining atomic.Bool
+	wg       sync.WaitGroup // session goroutines and stream handlers
+}
+
+// New builds an agent from a validated config.
+func New(cfg Config, log *slog.Logger) (*Agent, error) {
+	tok, err := cfg.Token.Read()
+	if err != nil {
+		return nil, fmt.Errorf("token: %w", err)
+	}
+	return &Agent{cfg: cfg, log: log, token: tok, MinVersion: tunnel.MinVersion,
+		MaxVersion: tunnel.MaxVersion, sessions: map[*session]struct{}{}}, nil
+}
+
+// session is one tunnel session of the agent.
+type session struct {
+	ts        *tunnel.Session
+	id        string
+	gen       uint64
+	server    string
+	exposed   map[registry.Key]tunnel.Target
+	routes    []tunnel.RouteInfo
+	streams   atomic.Int64
+	active    sync.WaitGroup // open streams
+	moveCh    chan struct{}  // closed on a move request
+	moveMu    sync.Once
+	withdrawn chan struct{} // closed when the server confirms a withdraw
+	wdOnce    sync.Once
+}
+
+// nextGen mints a generation: session-start wall-clock nanoseconds, kept
+// monotonic within the process.
+func (a *Agent) nextGen() uint64 {
+	a.genMu.Lock()
+	defer a.genMu.Unlock()
+	g := uint64(time.Now().UnixNano())
+	if g <= a.lastGen {
+		g = a.lastGen + 1
+	}
+	a.lastGen = g
+	return g
+}
+
+func newSessionID() string {
+	var b [12]byte
+	_, _ = crand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// backoff returns the wait before reconnect attempt n (n >= 0): full
+// jitter over an exponential ceiling starting at 250 ms.
+func (a *Agent) backoff(n int) time.Duration {
+	ceil := 250 * time.Millisecond
+	for i := 0; i < n && ceil < a.cfg.BackoffMax; i++ {
+		ceil *= 2
+	}
+	if ceil > a.cfg.BackoffMax {
+		ceil = a.cfg.BackoffMax
+	}
+	return time.Duration(rand.Int64N(int64(ceil) + 1))
+}
+
+// Routes returns the routes of the current session (nil when down).
+func (a *Agent) Routes() []tunnel.RouteInfo {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.current == nil {
+		return nil
+	}
+	return append([]tunnel.RouteInfo(nil), a.current.routes...)
+}
+
+// Reload is called on SIGHUP. Nothing is reloadable yet.
+func (a *Agent) Reload() {
+	a.log.Info("reload: nothing to reload in this version; configuration unchanged")
+}
+
+// Run keeps a tunnel up until ctx ends, then drains: it withdraws its
+// routes, stops taking streams, waits up to the grace period (or until
+// hard is cancelled) for open ones, and returns nil.
+func (a *Agent) Run(ctx, hard context.Context) error {
+	attempt := 0
+	var prev *session // the session being replaced during a move
+	next := 0         // index of the server to try next
+	for ctx.Err() == nil {
+		s, err := a.connect(ctx, &next)
+		if err != nil {
+			if ctx.Err() != nil {
+				break
+			}
+			wait := a.backoff(attempt)
+			attempt++
+			a.log.Warn("cannot connect to any server; retrying", "err", err, "retry_in", wait.Round(time.Millisecond))
+			sleep(ctx, wait)
+			continue
+		}
+		attempt = 0
+		if prev != nil {
+			a.retire(prev, "moved to a new session")
+			prev = nil
+		}
+		switch a.wait(ctx, s) {
+		case endMove:
+			prev = s
+		case endClosed:
+			a.Stats.Reconnects.Add(1)
+			sleep(ctx, a.backoff(0))
+		case endCtx:
+		}
+	}
+	a.drain(hard)
+	return nil
+}
+
+func sleep(ctx context.Context, d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+	case <-t.C:
+	}
+}
+
+type end int
+
+const (
+	endClosed end = iota
+	endMove
+	endCtx
+)
+
+func (a *Agent) wait(ctx context.Context, s *session) end {
+	select {
+	case <-s.ts.Mux.CloseChan():
+		a.log.Warn("tunnel lost; reconnecting", "server", s.server, "session", s.id)
+		return endClosed
+	case <-s.moveCh:
+		a.log.Info("server asked us to move; opening a new session first", "server", s.server, "session", s.id)
+		return endMove
+	case <-ctx.Done():
+		return endCtx
+	}
+}
+
+// connect dials the servers in turn, starting at *next, and returns the
+// first session established.
+func (a *Agent) connect(ctx context.Context, next *int) (*session, error) {
+	var errs []error
+	for range a.cfg.Servers {
+		addr := a.cfg.Servers[*next%len(a.cfg.Servers)]
+		*next++
+		s, err := a.dial(ctx, addr)
+		if err == nil {
+			return s, nil
+		}
+		if r, ok := tunnel.IsRefusal(err); ok {
+			a.log.Error("server refused the tunnel", "server", addr, "code", r.Code, "reason", r.Reason)
+		}
+		errs = append(errs, fmt.Errorf("%s: %w", addr, err))
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	return nil, errors.Join(errs...)
+}
+
+func (a *Agent) dial(ctx context.Context, addr string) (*session, error) {
+	d := net.Dialer{Timeout: a.cfg.ConnectTimeout}
+	conn, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	exposed, targets := a.resolveTargets(conn)
+	s := &session{id: newSessionID(), gen: a.nextGen(), server: addr, exposed: exposed,
+		moveCh: make(chan struct{}), withdrawn: make(chan struct{})}
+	hello := &tunnel.Hello{MinVersion: a.MinVersion, MaxVersion: a.MaxVersion, AgentID: a.cfg.AgentID,
+		Token: a.token, SessionID: s.id, Generation: s.gen, Targets: targets}
+	ts, welcome, err := tunnel.ClientHandshake(conn, hello, a.cfg.Tunnel)
+	if err != nil {
+		return nil, err
+	}
+	s.ts, s.routes = ts, welcome.Routes
+	a.log.Info("tunnel up", "server", addr, "server_id", welcome.ServerID, "session", s.id,
+		"generation", s.gen, "version", ts.Version, "routes", len(welcome.Routes))
+	for _, r := range welcome.Routes {
+		a.log.Info("route", "target", r.Target.String(), "proxy", r.Proxy.String())
+	}
+	for _, r := range welcome.Refused {
+		a.log.Error("target refused by server", "target", r.Target.String(), "reason", r.Reason)
+	}
+	a.mu.Lock()
+	a.sessions[s] = struct{}{}
+	a.current = s
+	a.mu.Unlock()
+	a.Stats.Sessions.Add(1)
+	a.wg.Add(2)
+	go a.acceptLoop(s)
+	go a.controlLoop(s)
+	return s, nil
+}
+
+// resolveTargets fills unspecified target IPs with the source address of
+// conn (this host's address on its route to the server).
+func (a *Agent) resolveTargets(conn net.Conn) (map[registry.Key]tunnel.Target, []tunnel.Target) {
+	var local netip.Addr
+	if ap, err := netip.ParseAddrPort(conn.LocalAddr().String()); err == nil {
+		local = ap.Addr().Unmap()
+	}
+	exposed := make(map[registry.Key]tunnel.Target, len(a.cfg.Targets))
+	targets := make([]tunnel.Target, 0, len(a.cfg.Targets))
+	for _, tc := range a.cfg.Targets {
+		t, _ := tc.parse() // validated
+		if t.Addr.Addr().IsUnspecified() {
+			t.Addr = netip.AddrPortFrom(local, t.Addr.Port())
+		}
+		exposed[registry.Key{Network: t.Network, Addr: t.Addr}] = t
+		targets = append(targets, t)
+	}
+	return exposed, targets
+}
+
+// acceptLoop hands every stream to its own goroutine at once, so the
+// yamux backlog never fills.
+func (a *Agent) acceptLoop(s *session) {
+	defer a.wg.Done()
+	for {
+		st, err := s.ts.Mux.AcceptStream()
+		if err != nil {
+			a.endSession(s)
+			return
+		}
+		s.active.Add(1)
+		a.wg.Add(1)
+		go func() {
+			defer a.wg.Done()
+			defer s.active.Done()
+			a.handleStream(s, st)
+		}()
+	}
+}
+
+func (a *Agent) endSession(s *session) {
+	a.mu.Lock()
+	if _, ok := a.sessions[s]; ok {
+		delete(a.sessions, s)
+		a.Stats.Sessions.Add(-1)
+	}
+	if a.current == s {
+		a.current = nil
+	}
+	a.mu.Unlock()
+}
+
+// controlLoop reads the server's control messages.
+func (a *Agent) controlLoop(s *session) {
+	defer a.wg.Done()
+	log := a.log.With("server", s.server, "session", s.id)
+	for {
+		m, err := s.ts.Recv()
+		if err != nil {
+			if errors.Is(err, tunnel.ErrProtocol) {
+				log.Error("protocol error on control stream; closing session", "err", err)
+			}
+			s.ts.Close()
+			return
+		}
+		switch m.Type {
+		case tunnel.MsgMove:
+			s.moveMu.Do(func() { close(s.moveCh) })
+		case tunnel.MsgWithdrawn:
+			s.wdOnce.Do(func() { close(s.withdrawn) })
+		case tunnel.MsgSuperseded:
+			for _, t := range m.Targets {
+				log.Warn("route superseded by a newer session of this identity", "target", t.String(), "reason", m.Reason)
+			}
+		case tunnel.MsgRemove:
+			for _, t := range m.Targets {
+				log.Warn("server removed a route", "target", t.String(), "reason", m.Reason)
+			}
+		case tunnel.MsgRoutes:
+			for _, r := range m.Routes {
+				log.Info("route", "target", r.Target.String(), "proxy", r.Proxy.String())
+			}
+			for _, r := range m.Refused {
+				log.Error("target refused by server", "target", r.Target.String(), "reason", r.Reason)
+			}
+		case tunnel.MsgRefusal:
+			log.Error("server ended the session", "code", m.Code, "reason", m.Reason)
+			s.ts.Close()
+			return
+		default:
+			log.Warn("unknown control message ignored", "type", m.Type)
+		}
+	}
+}
+
+// headerTimeout bounds the read of a stream header.
+const headerTimeout = 5 * time.Second
+
+// handleStream serves one data stream: header, checks, dial, status, data.
+func (a *Agent) handleStream(s *session, st net.Conn) {
+	refuse := func(status tunnel.Status) {
+		_ = st.SetWriteDeadline(time.Now().Add(time.Second))
+		_, _ = st.Write([]byte{byte(status)})
+		st.Close()
+	}
+	if n := s.streams.Add(1); n > int64(a.cfg.Tunnel.MaxStreams) {
+		s.streams.Add(-1)
+		a.Stats.StreamsAtCap.Add(1)
+		a.log.Warn("stream limit reached; stream refused", "session", s.id, "limit", a.cfg.Tunnel.MaxStreams)
+		refuse(tunnel.StatusBusy)
+		return
+	}
+	defer s.streams.Add(-1)
+	if a.draining.Load() {
+		refuse(tunnel.StatusDraining)
+		return
+	}
+	_ = st.SetReadDeadline(time.Now().Add(headerTimeout))
+	hdr, err := tunnel.ReadStreamHeader(st, s.ts.Version)
+	_ = st.SetReadDeadline(time.Time{})
+	if err != nil {
+		a.log.Warn("bad stream header", "session", s.id, "err", err)
+		refuse(tunnel.StatusBadHeader)
+		return
+	}
+	key := registry.Key{Network: hdr.Target.Network, Addr: hdr.Target.Addr}
+	log := a.log.With("target", key.String(), "client", hdr.Client)
+	t, ok := s.exposed[key]
+	if !ok {
+		a.Stats.NotExposed.Add(1)
+		log.Warn("server asked for a target this agent does not expose; refused")
+		refuse(tunnel.StatusNotExposed)
+		return
+	}
+	if hdr.Generation != s.gen {
+		log.Warn("stream for another generation; refused", "want", s.gen, "got", hdr.Generation)
+		refuse(tunnel.StatusStale)
+		return
+	}
+	d := net.Dialer{Timeout: a.cfg.DialTimeout}
+	conn, err := d.Dial("tcp", t.Addr.String())
+	if err != nil {
+		a.Stats.DialFailures.Add(1)
+		status := tunnel.StatusUnreachable
+		if errors.Is(err, syscall.ECONNREFUSED) {
+			status = tunnel.StatusRefused
+		}
+		log.Info("target dial failed", "status", status.String(), "err", err)
+		refuse(status)
+		return
+	}
+	netx.KeepAlive(conn, 30*time.Second, 10*time.Second, 3)
+	if _, err := st.Write([]byte{byte(tunnel.StatusOK)}); err != nil {
+		conn.Close()
+		st.Close()
+		return
+	}
+	a.Stats.StreamsOpen.Add(1)
+	defer a.Stats.StreamsOpen.Add(-1)
+	res := tunnel.Splice(conn, st, a.cfg.IdleTimeout)
+	if res.Aborted {
+		log.Debug("connection aborted", "err", res.Err, "up", res.Up, "down", res.Down)
+	}
+}
+
+// retire lets an old session's streams finish (up to the grace period),
+// then closes it. It runs in the background.
+func (a *Agent) retire(s *session, why string) {
+	a.endSession(s)
+	a.wg.Add(1)
+	go func() {
+		defer a.wg.Done()
+		done := make(chan struct{})
+		go func() { s.active.Wait(); close(done) }()
+		t := time.NewTimer(a.cfg.DrainGrace)
+		defer t.Stop()
+		select {
+		case <-done:
+		case <-t.C:
+		case <-s.ts.Mux.CloseChan():
+		}
+		a.log.Info("closing old session", "session", s.id, "why", why)
+		s.ts.Close()
+		<-done
+	}()
+}
+
+// drain runs at shutdown: withdraw routes, refuse new streams, wait for
+// open ones, close.
+func (a *Agent) drain(hard context.Context) {
+	a.draining.Store(true)
+	a.mu.Lock()
+	ss := make([]*session, 0, len(a.sessions))
+	for s := range a.sessions {
+		ss = append(ss, s)
+	}
+	a.mu.Unlock()
+	a.log.Info("draining", "sessions", len(ss), "grace", a.cfg.DrainGrace)
+	for _, s := range ss {
+		if err := s.ts.Send(&tunnel.Control{Type: tunnel.MsgWithdraw}); err == nil {
+			t := time.NewTimer(2 * time.Second)
+			select {
+			case <-s.withdrawn:
+			case <-t.C:
+			case <-s.ts.Mux.CloseChan():
+			case <-hard.Done():
+			}
+			t.Stop()
+		}
+	}
+	all := make(chan struct{})
+	go func() {
+		for _, s := range ss {
+			s.active.Wait()
+		}
+		close(all)
+	}()
+	t := time.NewTimer(a.cfg.DrainGrace)
+	defer t.Stop()
+	select {
+	case <-all:
+	case <-t.C:
+		a.log.Warn("drain grace period over; closing open connections")
+	case <-hard.Done():
+	}
+	for _, s := range ss {
+		s.ts.Close()
+	}
+	a.wg.Wait()
+	a.log.Info("stopped")
+}

@@ -1,0 +1,107 @@
+// Package netx holds the socket plumbing every vpcreach component shares:
+// socket options, resets, readiness waits that keep idle connections from
+// pinning buffers, the buffer pool, a TCP-to-TCP joiner and an accept loop
+// that survives temporary errors.
+package netx
+
+import (
+	"errors"
+	"net"
+	"sync"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// BufSize is the size of pooled copy buffers.
+const BufSize = 32 << 10
+
+var bufPool = sync.Pool{New: func() any { b := make([]byte, BufSize+4); return &b }}
+
+// GetBuf returns a pooled buffer of BufSize+4 bytes (room for a frame header).
+func GetBuf() *[]byte { return bufPool.Get().(*[]byte) }
+
+// PutBuf returns a buffer to the pool.
+func PutBuf(b *[]byte) { bufPool.Put(b) }
+
+// Reset closes c so that the peer sees a reset (RST), not a clean EOF.
+func Reset(c net.Conn) {
+	if tc, ok := c.(interface{ SetLinger(int) error }); ok {
+		_ = tc.SetLinger(0)
+	}
+	_ = c.Close()
+}
+
+// CloseWrite half-closes c if it can, and reports whether it did.
+func CloseWrite(c net.Conn) bool {
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite() == nil
+	}
+	return false
+}
+
+// KeepAlive sets TCP keepalive on c: first probe after idle, then every
+// interval, count probes.
+func KeepAlive(c net.Conn, idle, interval time.Duration, count int) {
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
+		return
+	}
+	_ = tc.SetKeepAliveConfig(net.KeepAliveConfig{Enable: true, Idle: idle, Interval: interval, Count: count})
+}
+
+// UserTimeout sets TCP_USER_TIMEOUT: data unacknowledged for d kills the
+// connection, however the keepalive is set.
+func UserTimeout(c net.Conn, d time.Duration) error {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return nil
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	err = rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, int(d.Milliseconds()))
+	})
+	return errors.Join(err, serr)
+}
+
+// Readable waits until a read on the connection behind rc would not block
+// (data, EOF or an error are pending) without taking a buffer, so that an
+// idle connection pins no memory. It honours the connection's read deadline.
+type Readable struct {
+	rc syscall.RawConn
+	f  func(uintptr) bool
+}
+
+// NewReadable returns a waiter for c, or nil if c has no raw socket.
+func NewReadable(c net.Conn) *Readable {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return nil
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	return &Readable{rc: rc, f: peek}
+}
+
+func peek(fd uintptr) bool {
+	var b [1]byte
+	_, _, e := syscall.Syscall6(syscall.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&b[0])), 1,
+		syscall.MSG_PEEK|syscall.MSG_DONTWAIT, 0, 0)
+	return e != syscall.EAGAIN && e != syscall.EINTR
+}
+
+// Wait blocks until the socket is readable. A nil waiter returns at once.
+func (r *Readable) Wait() error {
+	if r == nil {
+		return nil
+	}
+	return r.rc.Read(r.f)
+}

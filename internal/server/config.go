@@ -1,0 +1,136 @@
+package server
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/vpcreach/vpcreach/internal/config"
+	"github.com/vpcreach/vpcreach/internal/socks"
+	"github.com/vpcreach/vpcreach/tunnel"
+)
+
+// Config is the proxy server's configuration file.
+type Config struct {
+	// ServerID names this member in routes and logs. Default: hostname.
+	ServerID string `yaml:"server_id"`
+	// Control is the listen address for agent tunnels (what the VIP
+	// points at).
+	Control string `yaml:"control"`
+	// Advertise is this member's own address: proxy ports bind to it and
+	// routes name it.
+	Advertise string `yaml:"advertise"`
+	// Relay is the port of the relay listener socks5d connects to, on the
+	// advertised address; 0 picks a free port (routes name the real one).
+	Relay int `yaml:"relay_port"`
+	// API is the listen address of the JSON lookup API; empty: off.
+	API string `yaml:"api"`
+	// Ports is the proxy port range, "lo-hi".
+	Ports string `yaml:"port_range"`
+	// Token is the shared agent token.
+	Token config.Secret `yaml:"token"`
+	// Lease is the TTL of registered routes; they are renewed every
+	// Lease/3. Default 15 s.
+	Lease time.Duration `yaml:"lease"`
+	// Quarantine keeps a released port from going to another target.
+	// Default: lease + 15 s (socks5d cache TTL).
+	Quarantine time.Duration `yaml:"quarantine"`
+	// IdleTimeout closes user connections idle this long. Default 1 h.
+	IdleTimeout time.Duration `yaml:"idle_timeout"`
+	// StatusTimeout bounds the wait for the agent's answer to a stream
+	// (its dial). Default 10 s.
+	StatusTimeout time.Duration `yaml:"status_timeout"`
+	// DrainGrace is how long a draining server waits for agents to move
+	// and connections to finish. Default 30 s.
+	DrainGrace time.Duration `yaml:"drain_grace"`
+	// Tunnel tunes the yamux sessions.
+	Tunnel tunnel.Settings `yaml:"tunnel"`
+	// Socks5, when its listen address is set, runs the SOCKS5 front end in
+	// this process (single-server mode).
+	Socks5 *socks.Config `yaml:"socks5"`
+	Log    config.Log    `yaml:"log"`
+
+	// Filled by Validate.
+	advertise      netip.Addr
+	portLo, portHi int
+}
+
+// Validate fills defaults and checks every field, reporting all problems.
+func (c *Config) Validate() error {
+	var p config.Problems
+	if c.ServerID == "" {
+		c.ServerID, _ = os.Hostname()
+	}
+	if c.Control == "" {
+		p.Addf("control", "required (listen address for agent tunnels, e.g. 0.0.0.0:7000)")
+	} else if _, _, err := net.SplitHostPort(c.Control); err != nil {
+		p.Addf("control", "%v", err)
+	}
+	if a, err := netip.ParseAddr(c.Advertise); err != nil || a.IsUnspecified() {
+		p.Addf("advertise", "required: this member's own IP address (got %q)", c.Advertise)
+	} else {
+		c.advertise = a.Unmap()
+	}
+	if c.Relay < 0 || c.Relay > 65535 {
+		p.Addf("relay_port", "must be a port 0-65535, 0 for any free port (got %d)", c.Relay)
+	}
+	if c.API != "" {
+		if _, _, err := net.SplitHostPort(c.API); err != nil {
+			p.Addf("api", "%v", err)
+		}
+	}
+	lo, hi, err := parseRange(c.Ports)
+	if err != nil {
+		p.Addf("port_range", "%v", err)
+	} else if c.Relay != 0 && c.Relay >= lo && c.Relay <= hi {
+		p.Addf("relay_port", "%d lies inside port_range %s", c.Relay, c.Ports)
+	}
+	c.portLo, c.portHi = lo, hi
+	if !c.Token.IsSet() {
+		p.Addf("token", "required: token.file or token.env")
+	} else if _, err := c.Token.Read(); err != nil {
+		p.Addf("token", "%v", err)
+	}
+	def := func(d *time.Duration, v time.Duration, key string) {
+		if *d == 0 {
+			*d = v
+		} else if *d < 0 {
+			p.Addf(key, "must be positive")
+		}
+	}
+	def(&c.Lease, 15*time.Second, "lease")
+	def(&c.Quarantine, c.Lease+15*time.Second, "quarantine")
+	def(&c.IdleTimeout, time.Hour, "idle_timeout")
+	def(&c.StatusTimeout, 10*time.Second, "status_timeout")
+	def(&c.DrainGrace, 30*time.Second, "drain_grace")
+	c.Tunnel = c.Tunnel.WithDefaults()
+	if c.Socks5 != nil {
+		if err := c.Socks5.Validate(); err != nil {
+			p.Addf("socks5", "%v", err)
+		}
+	}
+	c.Log.Validate(&p)
+	return p.Err()
+}
+
+func parseRange(s string) (int, int, error) {
+	a, b, ok := strings.Cut(s, "-")
+	if !ok {
+		return 0, 0, fmt.Errorf("%q is not lo-hi (e.g. 20000-20999)", s)
+	}
+	lo, err1 := strconv.Atoi(strings.TrimSpace(a))
+	hi, err2 := strconv.Atoi(strings.TrimSpace(b))
+	if err1 != nil || err2 != nil || lo < 1 || hi > 65535 || lo > hi {
+		return 0, 0, fmt.Errorf("%q is not lo-hi with 1 <= lo <= hi <= 65535", s)
+	}
+	return lo, hi, nil
+}
+
+// RelayAddr is the relay listener's address.
+func (c *Config) RelayAddr() netip.AddrPort {
+	return netip.AddrPortFrom(c.advertise, uint16(c.Relay))
+}

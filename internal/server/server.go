@@ -1,0 +1,317 @@
+// Package server is the proxy server: it accepts agent tunnels on its
+// control listener, opens a proxy port on its member address for every
+// target an agent exposes, writes each route to the registry, and forwards
+// connections on those ports, and on its relay port, through the tunnel.
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/vpcreach/vpcreach/internal/netx"
+	"github.com/vpcreach/vpcreach/internal/socks"
+	"github.com/vpcreach/vpcreach/registry"
+	"github.com/vpcreach/vpcreach/tunnel"
+)
+
+// Stats are the server's counters.
+type Stats struct {
+	Tunnels        atomic.Int64 `json:"-"` // live agent sessions
+	StreamsOpen    atomic.Int64 `json:"-"`
+	StreamsOpened  atomic.Int64 `json:"-"`
+	StreamsAtCap   atomic.Int64 `json:"-"` // streams refused at the per-session cap
+	Refusals       atomic.Int64 `json:"-"` // hellos refused
+	RelayRefusals  atomic.Int64 `json:"-"` // relay preambles answered with an error status
+	RegistryErrors atomic.Int64 `json:"-"`
+}
+
+// Snapshot returns the counters as a map, for the API.
+func (s *Stats) Snapshot() map[string]int64 {
+	return map[string]int64{
+		"tunnels": s.Tunnels.Load(), "streams_open": s.StreamsOpen.Load(),
+		"streams_opened": s.StreamsOpened.Load(), "streams_at_cap": s.StreamsAtCap.Load(),
+		"hello_refusals": s.Refusals.Load(), "relay_refusals": s.RelayRefusals.Load(),
+		"registry_errors": s.RegistryErrors.Load(),
+	}
+}
+
+// Identity of agents authenticated by the shared token: with one shared
+// token every agent has the same identity.
+const sharedIdentity = "shared-token"
+
+// Server is one proxy server member.
+type Server struct {
+	cfg   Config
+	log   *slog.Logger
+	reg   registry.Registry
+	ports *Ports
+	token string
+	Stats Stats
+
+	ctx    context.Context // ends at Close
+	cancel context.CancelFunc
+	wg     sync.WaitGroup // every goroutine the server starts
+	conns  sync.WaitGroup // user connections, for the drain
+
+	draining atomic.Bool
+	mu       sync.Mutex
+	sessions map[*agentSession]struct{}
+	routes   map[registry.Key]*route
+	closed   bool
+
+	control, relay, api net.Listener
+	relayAP             netip.AddrPort // the relay address routes name
+	httpSrv             *http.Server
+	socks               *socks.Server
+	socksLn             net.Listener
+}
+
+// New builds a server from a validated config. reg is the route store;
+// the server does not close it.
+func New(cfg Config, reg registry.Registry, log *slog.Logger) (*Server, error) {
+	tok, err := cfg.Token.Read()
+	if err != nil {
+		return nil, fmt.Errorf("token: %w", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &Server{cfg: cfg, log: log, reg: reg, token: tok, ctx: ctx, cancel: cancel,
+		ports:    NewPorts(cfg.portLo, cfg.portHi, cfg.Quarantine, nil),
+		sessions: map[*agentSession]struct{}{}, routes: map[registry.Key]*route{}}
+	return s, nil
+}
+
+// Start binds the control, relay, API and SOCKS5 listeners and serves
+// them. On error everything bound so far is closed.
+func (s *Server) Start() (err error) {
+	defer func() {
+		if err != nil {
+			s.Close()
+		}
+	}()
+	lc := net.ListenConfig{}
+	if s.control, err = lc.Listen(s.ctx, "tcp", s.cfg.Control); err != nil {
+		return fmt.Errorf("control listener: %w", err)
+	}
+	relayAddr := netip.AddrPortFrom(s.cfg.advertise, uint16(s.cfg.Relay))
+	if s.relay, err = lc.Listen(s.ctx, "tcp", relayAddr.String()); err != nil {
+		return fmt.Errorf("relay listener: %w", err)
+	}
+	s.relayAP = netip.MustParseAddrPort(s.relay.Addr().String())
+	s.goServe("control", s.control, s.handleTunnel)
+	s.goServe("relay", s.relay, s.handleRelay)
+	if s.cfg.API != "" {
+		if s.api, err = lc.Listen(s.ctx, "tcp", s.cfg.API); err != nil {
+			return fmt.Errorf("api listener: %w", err)
+		}
+		s.httpSrv = &http.Server{Handler: s.apiHandler(), ReadHeaderTimeout: 5 * time.Second}
+		s.wg.Add(1)
+		go func() { defer s.wg.Done(); _ = s.httpSrv.Serve(s.api) }()
+	}
+	if s.cfg.Socks5 != nil {
+		if s.socksLn, err = lc.Listen(s.ctx, "tcp", s.cfg.Socks5.Listen); err != nil {
+			return fmt.Errorf("socks5 listener: %w", err)
+		}
+		s.socks = socks.New(*s.cfg.Socks5, s.reg, s.log)
+		s.wg.Add(1)
+		go func() { defer s.wg.Done(); _ = s.socks.Serve(s.socksLn) }()
+	}
+	s.wg.Add(1)
+	go s.renewLoop()
+	s.log.Info("proxy server started", "server", s.cfg.ServerID, "control", s.control.Addr().String(),
+		"relay", s.relay.Addr().String(), "advertise", s.cfg.advertise.String(), "ports", s.cfg.Ports)
+	return nil
+}
+
+// ControlAddr, RelayAddr, APIAddr and SocksAddr return the bound addresses.
+func (s *Server) ControlAddr() net.Addr { return s.control.Addr() }
+func (s *Server) RelayAddr() net.Addr   { return s.relay.Addr() }
+func (s *Server) APIAddr() net.Addr {
+	if s.api == nil {
+		return nil
+	}
+	return s.api.Addr()
+}
+func (s *Server) SocksAddr() net.Addr {
+	if s.socksLn == nil {
+		return nil
+	}
+	return s.socksLn.Addr()
+}
+
+func (s *Server) goServe(name string, ln net.Listener, handle func(net.Conn)) {
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		_ = netx.AcceptLoop(ln, s.log.With("listener", name), func(c net.Conn) {
+			s.spawn(func() { handle(c) })
+		})
+	}()
+}
+
+// Run serves until ctx ends, then drains (Shutdown) and closes. A
+// cancelled hard context cuts the drain short.
+func (s *Server) Run(ctx, hard context.Context) error {
+	if err := s.Start(); err != nil {
+		return err
+	}
+	<-ctx.Done()
+	s.Shutdown(hard)
+	return nil
+}
+
+// Reload is called on SIGHUP. Nothing is reloadable yet.
+func (s *Server) Reload() {
+	s.log.Info("reload: nothing to reload in this version; configuration unchanged")
+}
+
+// Shutdown drains the server: it stops accepting tunnels, asks every
+// agent to move, withdraws its routes once the agents have moved (or half
+// the grace period passed), waits for open connections until the grace
+// period ends or hard is cancelled, then closes everything.
+func (s *Server) Shutdown(hard context.Context) {
+	start := time.Now()
+	s.draining.Store(true)
+	s.log.Info("draining", "grace", s.cfg.DrainGrace)
+	if s.control != nil {
+		s.control.Close()
+	}
+	for _, as := range s.sessionList() {
+		s.spawn(func() { _ = as.ts.Send(&tunnel.Control{Type: tunnel.MsgMove, Reason: "server draining"}) })
+	}
+	deadline := start.Add(s.cfg.DrainGrace)
+	moveBy := start.Add(s.cfg.DrainGrace / 2)
+	for len(s.sessionList()) > 0 && time.Now().Before(moveBy) && hard.Err() == nil {
+		select {
+		case <-hard.Done():
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	s.mu.Lock()
+	rs := make([]*route, 0, len(s.routes))
+	for _, r := range s.routes {
+		rs = append(rs, r)
+	}
+	s.mu.Unlock()
+	for _, r := range rs {
+		s.removeRoute(r, true)
+	}
+	done := make(chan struct{})
+	go func() { s.conns.Wait(); close(done) }()
+	t := time.NewTimer(time.Until(deadline))
+	defer t.Stop()
+	select {
+	case <-done:
+	case <-t.C:
+		s.log.Warn("drain grace period over; closing open connections")
+	case <-hard.Done():
+	}
+	s.Close()
+	s.log.Info("stopped")
+}
+
+// Close stops everything at once and waits for every goroutine.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	s.mu.Unlock()
+	s.cancel()
+	for _, ln := range []net.Listener{s.control, s.relay} {
+		if ln != nil {
+			ln.Close()
+		}
+	}
+	if s.httpSrv != nil {
+		s.httpSrv.Close()
+	}
+	if s.socks != nil {
+		s.socks.Close()
+	}
+	for _, as := range s.sessionList() {
+		as.ts.Close()
+	}
+	s.mu.Lock()
+	for _, r := range s.routes {
+		r.ln.Close()
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+	return nil
+}
+
+func (s *Server) sessionList() []*agentSession {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]*agentSession, 0, len(s.sessions))
+	for as := range s.sessions {
+		out = append(out, as)
+	}
+	return out
+}
+
+// Draining reports whether Shutdown has begun.
+func (s *Server) Draining() bool { return s.draining.Load() }
+
+func (s *Server) regCtx() (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.Background(), 3*time.Second)
+}
+
+// renewLoop renews every owned route each Lease/3. A route another
+// session took over is closed here and its agent told.
+func (s *Server) renewLoop() {
+	defer s.wg.Done()
+	t := time.NewTicker(s.cfg.Lease / 3)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-t.C:
+		}
+		s.mu.Lock()
+		rs := make([]*route, 0, len(s.routes))
+		for _, r := range s.routes {
+			rs = append(rs, r)
+		}
+		s.mu.Unlock()
+		for _, r := range rs {
+			ctx, cancel := s.regCtx()
+			err := s.reg.Renew(ctx, r.info, s.cfg.Lease)
+			cancel()
+			switch {
+			case errors.Is(err, registry.ErrStale), errors.Is(err, registry.ErrOwned):
+				s.supersede(r, err)
+			case err != nil:
+				s.Stats.RegistryErrors.Add(1)
+				s.log.Warn("route renewal failed; retrying", "target", r.key.String(), "err", err)
+			}
+		}
+	}
+}
+
+// supersede drops a route someone else now owns and tells its session.
+func (s *Server) supersede(r *route, why error) {
+	s.log.Warn("route superseded; closing its proxy port", "target", r.key.String(),
+		"agent", r.sess.agent, "session", r.sess.id, "err", why)
+	s.removeRoute(r, false)
+	s.spawn(func() {
+		_ = r.sess.ts.Send(&tunnel.Control{Type: tunnel.MsgSuperseded, Targets: []tunnel.Target{r.target}, Reason: why.Error()})
+	})
+}
+
+// spawn runs f in a goroutine the server owns.
+func (s *Server) spawn(f func()) {
+	s.wg.Add(1)
+	go func() { defer s.wg.Done(); f() }()
+}

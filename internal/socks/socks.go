@@ -1,0 +1,326 @@
+// Package socks is the SOCKS5 front end: things-go/go-socks5 negotiates,
+// this package owns the accept loop and the CONNECT path. A CONNECT looks
+// the target's route up and connects through the owning proxy server's
+// relay port, so the reply code is the real outcome; nothing is ever
+// dialled directly, and no name is resolved on the proxy host.
+package socks
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	socks5 "github.com/things-go/go-socks5"
+	"github.com/things-go/go-socks5/statute"
+
+	"github.com/vpcreach/vpcreach/internal/config"
+	"github.com/vpcreach/vpcreach/internal/netx"
+	"github.com/vpcreach/vpcreach/registry"
+	"github.com/vpcreach/vpcreach/tunnel"
+)
+
+// Config configures the SOCKS5 front end.
+type Config struct {
+	// Listen is the SOCKS5 listen address.
+	Listen string `yaml:"listen"`
+	// Network is the registry network this front end serves ("" default).
+	Network string `yaml:"network"`
+	// HandshakeTimeout bounds greeting, auth and request. Default 10 s.
+	HandshakeTimeout time.Duration `yaml:"handshake_timeout"`
+	// ConnectTimeout bounds the relay connect and its status. Default 10 s.
+	ConnectTimeout time.Duration `yaml:"connect_timeout"`
+	// IdleTimeout closes connections idle this long. Default 1 h.
+	IdleTimeout time.Duration `yaml:"idle_timeout"`
+}
+
+// Validate fills defaults and checks the fields.
+func (c *Config) Validate() error {
+	var p config.Problems
+	if c.Listen == "" {
+		p.Addf("listen", "required (e.g. 127.0.0.1:1080)")
+	} else if _, _, err := net.SplitHostPort(c.Listen); err != nil {
+		p.Addf("listen", "%v", err)
+	}
+	if c.Network != "" {
+		if err := registry.ValidNetwork(c.Network); err != nil {
+			p.Addf("network", "%v", err)
+		}
+	}
+	for _, d := range []struct {
+		v   *time.Duration
+		def time.Duration
+		key string
+	}{{&c.HandshakeTimeout, 10 * time.Second, "handshake_timeout"},
+		{&c.ConnectTimeout, 10 * time.Second, "connect_timeout"},
+		{&c.IdleTimeout, time.Hour, "idle_timeout"}} {
+		if *d.v == 0 {
+			*d.v = d.def
+		} else if *d.v < 0 {
+			p.Addf(d.key, "must be positive")
+		}
+	}
+	return p.Err()
+}
+
+// Server is a SOCKS5 front end. Serve runs its accept loop; Close stops it
+// and every connection it serves.
+type Server struct {
+	cfg    Config
+	routes registry.Reader
+	log    *slog.Logger
+	s5     *socks5.Server
+
+	mu     sync.Mutex
+	conns  map[net.Conn]struct{}
+	lns    map[net.Listener]struct{}
+	closed bool
+	wg     sync.WaitGroup
+}
+
+// New returns a front end that finds routes in routes. cfg must have
+// passed Validate.
+func New(cfg Config, routes registry.Reader, log *slog.Logger) *Server {
+	s := &Server{cfg: cfg, routes: routes, log: log.With("part", "socks5"),
+		conns: map[net.Conn]struct{}{}, lns: map[net.Listener]struct{}{}}
+	s.s5 = socks5.NewServer(
+		socks5.WithResolver(literalResolver{}),
+		socks5.WithConnectHandle(s.connect),
+		socks5.WithBindHandle(notSupported),
+		socks5.WithAssociateHandle(notSupported),
+		socks5.WithLogger(s5log{s.log}),
+	)
+	return s
+}
+
+// literalResolver resolves IP literals only. Other names pass through
+// unresolved (nil IP, no error) so that the CONNECT handler answers them
+// "address type not supported" instead of go-socks5's "host unreachable".
+type literalResolver struct{}
+
+func (literalResolver) Resolve(ctx context.Context, name string) (context.Context, net.IP, error) {
+	if a, err := netip.ParseAddr(name); err == nil {
+		return ctx, net.IP(a.AsSlice()), nil
+	}
+	return ctx, nil, nil
+}
+
+type s5log struct{ l *slog.Logger }
+
+func (l s5log) Errorf(format string, args ...any) { l.l.Debug(fmt.Sprintf(format, args...)) }
+
+func notSupported(_ context.Context, w io.Writer, _ *socks5.Request) error {
+	_ = socks5.SendReply(w, statute.RepCommandNotSupported, nil)
+	return errors.New("command not supported")
+}
+
+// Serve accepts connections on ln until Close. Temporary accept errors
+// (EMFILE and the like) are logged and retried with a backoff; Serve
+// returns only when ln is closed.
+func (s *Server) Serve(ln net.Listener) error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		ln.Close()
+		return net.ErrClosed
+	}
+	s.lns[ln] = struct{}{}
+	s.mu.Unlock()
+	return netx.AcceptLoop(ln, s.log, func(c net.Conn) {
+		if !s.track(c) {
+			c.Close()
+			return
+		}
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			defer s.untrack(c)
+			s.ServeConn(c)
+		}()
+	})
+}
+
+func (s *Server) track(c net.Conn) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return false
+	}
+	s.conns[c] = struct{}{}
+	return true
+}
+
+func (s *Server) untrack(c net.Conn) {
+	s.mu.Lock()
+	delete(s.conns, c)
+	s.mu.Unlock()
+}
+
+// ServeConn serves one client connection and closes it.
+func (s *Server) ServeConn(c net.Conn) {
+	defer func() {
+		if r := recover(); r != nil {
+			s.log.Error("panic serving connection", "client", c.RemoteAddr().String(), "panic", r)
+			c.Close()
+		}
+	}()
+	netx.KeepAlive(c, 30*time.Second, 10*time.Second, 3)
+	_ = c.SetDeadline(time.Now().Add(s.cfg.HandshakeTimeout))
+	if err := s.s5.ServeConn(c); err != nil && !errors.Is(err, errHandled) {
+		s.log.Info("socks5 request failed", "client", c.RemoteAddr().String(), "err", err)
+	}
+}
+
+// errHandled marks a CONNECT whose outcome the handler already logged.
+var errHandled = errors.New("handled")
+
+// Shutdown stops accepting, lets open connections finish until grace
+// passes or hard is cancelled, then closes the rest.
+func (s *Server) Shutdown(hard context.Context, grace time.Duration) {
+	s.mu.Lock()
+	for ln := range s.lns {
+		ln.Close()
+	}
+	s.mu.Unlock()
+	done := make(chan struct{})
+	go func() { s.wg.Wait(); close(done) }()
+	t := time.NewTimer(grace)
+	defer t.Stop()
+	select {
+	case <-done:
+	case <-t.C:
+		s.log.Warn("drain grace period over; closing open connections")
+	case <-hard.Done():
+	}
+	s.Close()
+	<-done
+}
+
+// Close stops every listener and connection and waits for them.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	s.closed = true
+	for ln := range s.lns {
+		ln.Close()
+	}
+	for c := range s.conns {
+		c.Close()
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+	return nil
+}
+
+// Reply codes, decided in one place.
+func replyFor(st tunnel.Status) uint8 {
+	switch st {
+	case tunnel.StatusOK:
+		return statute.RepSuccess
+	case tunnel.StatusRefused:
+		return statute.RepConnectionRefused
+	case tunnel.StatusUnreachable, tunnel.StatusNotExposed, tunnel.StatusNoRoute,
+		tunnel.StatusStale, tunnel.StatusDraining:
+		return statute.RepHostUnreachable
+	default:
+		return statute.RepServerFailure
+	}
+}
+
+// connect is the CONNECT handler. w is the client connection.
+func (s *Server) connect(ctx context.Context, w io.Writer, req *socks5.Request) error {
+	client := w.(net.Conn)
+	log := s.log.With("client", client.RemoteAddr().String())
+	dst := req.DestAddr
+	if dst.IP == nil {
+		_ = socks5.SendReply(w, statute.RepAddrTypeNotSupported, nil)
+		log.Info("socks5 connect refused: names are not resolved here", "name", dst.FQDN)
+		return errHandled
+	}
+	ip, _ := netip.AddrFromSlice(dst.IP)
+	key := registry.Key{Network: s.cfg.Network, Addr: netip.AddrPortFrom(ip.Unmap(), uint16(dst.Port))}
+	if dst.Port == 0 {
+		_ = socks5.SendReply(w, statute.RepHostUnreachable, nil)
+		log.Info("socks5 connect refused: port 0", "target", key.String())
+		return errHandled
+	}
+	relay, st, err := s.dial(ctx, key, client.RemoteAddr().String())
+	if st != tunnel.StatusOK {
+		_ = socks5.SendReply(w, replyFor(st), nil)
+		log.Info("socks5 connect failed", "target", key.String(), "status", st.String(), "err", err)
+		return errHandled
+	}
+	_ = client.SetDeadline(time.Time{})
+	if err := socks5.SendReply(w, statute.RepSuccess, relay.LocalAddr()); err != nil {
+		relay.Close()
+		return err
+	}
+	log.Debug("socks5 connected", "target", key.String(), "relay", relay.RemoteAddr().String())
+	// req.Reader is go-socks5's buffered reader: bytes the client
+	// pipelined after the request are in it.
+	_, _, err = netx.Join(client, req.Reader, relay, s.cfg.IdleTimeout)
+	if err != nil {
+		log.Debug("socks5 connection reset", "target", key.String(), "err", err)
+	}
+	return errHandled
+}
+
+// dial finds the route of key and connects through its member's relay
+// port. A stale or missing route there is looked up once more.
+func (s *Server) dial(ctx context.Context, key registry.Key, client string) (net.Conn, tunnel.Status, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.ConnectTimeout)
+	defer cancel()
+	var last tunnel.Status
+	var lastErr error
+	for attempt := 0; attempt < 2; attempt++ {
+		route, err := s.routes.Lookup(ctx, key)
+		if err != nil {
+			if errors.Is(err, registry.ErrNotFound) {
+				return nil, tunnel.StatusNoRoute, err
+			}
+			return nil, tunnel.StatusUnreachable, err
+		}
+		c, st, err := Relay(ctx, route, client)
+		if st == tunnel.StatusStale || st == tunnel.StatusNoRoute {
+			last, lastErr = st, err
+			continue
+		}
+		return c, st, err
+	}
+	return nil, last, lastErr
+}
+
+// Relay connects to a route's relay port, sends the preamble and reads
+// the status. On StatusOK the connection is ready for data.
+func Relay(ctx context.Context, route registry.Route, client string) (net.Conn, tunnel.Status, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "tcp", route.Relay.String())
+	if err != nil {
+		return nil, tunnel.StatusUnreachable, fmt.Errorf("relay %s: %w", route.Relay, err)
+	}
+	if dl, ok := ctx.Deadline(); ok {
+		_ = c.SetDeadline(dl)
+	}
+	p := tunnel.Preamble{Generation: route.Generation, Client: client,
+		Target: tunnel.Target{Network: route.Network, Addr: route.Addr}}
+	if _, err := c.Write(p.Append(nil)); err != nil {
+		c.Close()
+		return nil, tunnel.StatusUnreachable, fmt.Errorf("relay %s: %w", route.Relay, err)
+	}
+	st, err := tunnel.ReadStatus(c)
+	if err != nil {
+		c.Close()
+		return nil, tunnel.StatusUnreachable, fmt.Errorf("relay %s: %w", route.Relay, err)
+	}
+	if st != tunnel.StatusOK {
+		c.Close()
+		return nil, st, st.Err()
+	}
+	_ = c.SetDeadline(time.Time{})
+	netx.KeepAlive(c, 30*time.Second, 10*time.Second, 3)
+	return c, st, nil
+}

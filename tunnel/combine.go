@@ -1,0 +1,104 @@
+package tunnel
+
+import (
+	"net"
+	"sync"
+)
+
+// combiner is the net.Conn a yamux session writes to. yamux writes each
+// frame as two writes (header, then body) from one goroutine and waits for
+// each; the combiner queues them and one flusher goroutine writes all that
+// has accumulated in a single syscall. There is no added delay: the flusher
+// writes as soon as it is woken, and what arrives during one write goes in
+// the next. A data header is queued without waking the flusher, because its
+// body is the very next write, so a frame is never split across syscalls.
+type combiner struct {
+	net.Conn
+	max int
+
+	mu      sync.Mutex
+	cond    sync.Cond
+	pending []byte
+	spare   []byte
+	err     error
+	closed  bool
+	done    chan struct{}
+}
+
+func newCombiner(c net.Conn, max int) *combiner {
+	w := &combiner{Conn: c, max: max, done: make(chan struct{})}
+	w.cond.L = &w.mu
+	go w.flush()
+	return w
+}
+
+// yamux frame header: version, type, flags(2), stream(4), length(4).
+const yamuxHeaderSize = 12
+
+func isDataHeader(p []byte) bool {
+	return len(p) == yamuxHeaderSize && p[1] == 0 && (p[8]|p[9]|p[10]|p[11]) != 0
+}
+
+func (w *combiner) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	for w.err == nil && !w.closed && len(w.pending) > 0 && len(w.pending)+len(p) > w.max {
+		w.cond.Wait()
+	}
+	if w.err != nil || w.closed {
+		err := w.err
+		w.mu.Unlock()
+		if err == nil {
+			err = net.ErrClosed
+		}
+		return 0, err
+	}
+	w.pending = append(w.pending, p...)
+	if !isDataHeader(p) {
+		w.cond.Broadcast()
+	}
+	w.mu.Unlock()
+	return len(p), nil
+}
+
+func (w *combiner) flush() {
+	defer close(w.done)
+	w.mu.Lock()
+	for {
+		for len(w.pending) == 0 && !w.closed && w.err == nil {
+			w.cond.Wait()
+		}
+		if w.err != nil || (w.closed && len(w.pending) == 0) {
+			w.mu.Unlock()
+			return
+		}
+		buf := w.pending
+		w.pending = w.spare[:0]
+		w.cond.Broadcast() // writers waiting for room
+		w.mu.Unlock()
+
+		_, err := w.Conn.Write(buf)
+
+		w.mu.Lock()
+		if cap(buf) <= 2*w.max {
+			w.spare = buf[:0]
+		} else {
+			w.spare = nil
+		}
+		if err != nil {
+			w.err = err
+			w.cond.Broadcast()
+		}
+	}
+}
+
+// Close closes the connection and stops the flusher; queued bytes that
+// are not written yet are dropped (the session is going away).
+func (w *combiner) Close() error {
+	w.mu.Lock()
+	w.closed = true
+	w.cond.Broadcast()
+	w.mu.Unlock()
+	err := w.Conn.Close()
+	<-w.done
+	return err
+}

@@ -1,0 +1,256 @@
+package tunnel
+
+import (
+	"encoding/binary"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/yamux"
+
+	"github.com/vpcreach/vpcreach/internal/netx"
+)
+
+// Data frames after the status byte: a 4-byte big-endian length, then that
+// many bytes. Two lengths are markers: frameEOF is a clean half-close of
+// the sender's direction, frameAbort a reset. A stream that ends (yamux FIN
+// or error) without frameEOF was aborted: a truncated transfer never looks
+// complete.
+const (
+	frameEOF   = 0xFFFFFFFF
+	frameAbort = 0xFFFFFFFE
+)
+
+// SpliceResult reports how a spliced connection ended.
+type SpliceResult struct {
+	Up, Down int64 // bytes user->stream and stream->user
+	Aborted  bool  // either side reset, errored or went idle
+	Err      error // the first cause of an abort
+}
+
+// Splice joins a user-side connection (TCP: a client on a proxy port, a
+// relay connection, or the agent's connection to its target) with a tunnel
+// stream whose status byte has been exchanged. It copies both ways with the
+// data framing above, propagates half-close, turns an abort on either side
+// into a reset on the other, and ends a pair idle for longer than idle
+// (zero: never). It returns when both directions are done, having closed
+// both user and stream.
+func Splice(user net.Conn, stream net.Conn, idle time.Duration) SpliceResult {
+	sp := &splice{user: user, stream: stream, idle: netx.NewIdle(idle),
+		done: make(chan struct{}), aborted: make(chan struct{})}
+	if ys, ok := stream.(*yamux.Stream); ok {
+		sp.ys = ys
+	}
+	go sp.down()
+	sp.up()
+	<-sp.done
+	res := SpliceResult{Up: sp.nUp, Down: sp.nDown}
+	select {
+	case <-sp.aborted:
+		res.Aborted, res.Err = true, sp.err
+	default:
+		_ = user.Close()
+	}
+	_ = stream.Close()
+	return res
+}
+
+type splice struct {
+	user, stream net.Conn
+	ys           *yamux.Stream
+	idle         *netx.Idle
+	done         chan struct{} // closed when down() returns
+	nUp, nDown   int64
+	once         sync.Once
+	aborted      chan struct{}
+	err          error // set once, before aborted is closed
+}
+
+// abort resets the user side and unblocks every pending operation on
+// both. Only the first cause is kept.
+func (sp *splice) abort(err error) {
+	sp.once.Do(func() {
+		sp.err = err
+		close(sp.aborted)
+		netx.Reset(sp.user)
+		now := time.Now()
+		_ = sp.stream.SetReadDeadline(now)
+		_ = sp.stream.SetWriteDeadline(now)
+	})
+}
+
+func (sp *splice) isAborted() bool {
+	select {
+	case <-sp.aborted:
+		return true
+	default:
+		return false
+	}
+}
+
+// idleRetry reports whether a read error was only a deadline with traffic
+// since, and if so pushes the deadline out. An expired idle timer becomes
+// the abort cause.
+func (sp *splice) idleRetry(err error, c net.Conn) (retry bool, cause error) {
+	if sp.isAborted() {
+		return false, err
+	}
+	expired, isTimeout := sp.idle.Expired(err)
+	if !isTimeout {
+		return false, err
+	}
+	if expired {
+		return false, fmt.Errorf("idle for %v", sp.idle.Timeout)
+	}
+	_ = c.SetReadDeadline(sp.idle.Deadline())
+	return true, nil
+}
+
+// read is c.Read with idle retries.
+func (sp *splice) read(c net.Conn, b []byte) (int, error) {
+	for {
+		n, err := c.Read(b)
+		if n > 0 || err == nil || err == io.EOF {
+			return n, err
+		}
+		if retry, cause := sp.idleRetry(err, c); !retry {
+			return 0, cause
+		}
+	}
+}
+
+// readFull is io.ReadFull with idle retries.
+func (sp *splice) readFull(c net.Conn, b []byte) error {
+	for off := 0; off < len(b); {
+		n, err := sp.read(c, b[off:])
+		off += n
+		if err == io.EOF && off > 0 && off < len(b) {
+			return io.ErrUnexpectedEOF
+		}
+		if err != nil && off < len(b) {
+			return err
+		}
+	}
+	return nil
+}
+
+// up copies user -> stream. It is the only writer of the stream.
+func (sp *splice) up() {
+	rd := netx.NewReadable(sp.user)
+	if dl := sp.idle.Deadline(); !dl.IsZero() {
+		_ = sp.user.SetReadDeadline(dl)
+	}
+	for {
+		if err := rd.Wait(); err != nil {
+			if retry, cause := sp.idleRetry(err, sp.user); retry {
+				continue
+			} else {
+				sp.sendAbort(cause)
+				return
+			}
+		}
+		bp := netx.GetBuf()
+		buf := *bp
+		n, err := sp.read(sp.user, buf[4:4+netx.BufSize])
+		if n > 0 {
+			sp.idle.Touch()
+			binary.BigEndian.PutUint32(buf, uint32(n))
+			_, werr := sp.stream.Write(buf[:4+n])
+			netx.PutBuf(bp)
+			if werr != nil {
+				sp.abort(fmt.Errorf("write to tunnel: %w", werr))
+				return
+			}
+			sp.nUp += int64(n)
+		} else {
+			netx.PutBuf(bp)
+		}
+		switch {
+		case err == nil:
+		case err == io.EOF:
+			var eof [4]byte
+			binary.BigEndian.PutUint32(eof[:], frameEOF)
+			if _, werr := sp.stream.Write(eof[:]); werr != nil {
+				sp.abort(fmt.Errorf("write to tunnel: %w", werr))
+				return
+			}
+			_ = sp.stream.Close() // yamux: Close is the half-close
+			return
+		default:
+			sp.sendAbort(err)
+			return
+		}
+	}
+}
+
+// sendAbort tells the peer that this direction was reset, then aborts.
+func (sp *splice) sendAbort(cause error) {
+	if !sp.isAborted() {
+		var ab [4]byte
+		binary.BigEndian.PutUint32(ab[:], frameAbort)
+		_ = sp.stream.SetWriteDeadline(time.Now().Add(time.Second))
+		_, _ = sp.stream.Write(ab[:])
+	}
+	sp.abort(cause)
+}
+
+// down copies stream -> user.
+func (sp *splice) down() {
+	defer close(sp.done)
+	if dl := sp.idle.Deadline(); !dl.IsZero() {
+		_ = sp.stream.SetReadDeadline(dl)
+	}
+	var hdr [4]byte
+	for {
+		if err := sp.readFull(sp.stream, hdr[:]); err != nil {
+			if err == io.EOF {
+				err = fmt.Errorf("%w: stream ended without end marker", ErrAborted)
+			}
+			sp.abort(err)
+			return
+		}
+		n := binary.BigEndian.Uint32(hdr[:])
+		switch {
+		case n == frameEOF:
+			netx.CloseWrite(sp.user)
+			return
+		case n == frameAbort:
+			sp.abort(ErrAborted)
+			return
+		case n > MaxDataFrame:
+			sp.abort(fmt.Errorf("%w: data frame of %d bytes", ErrProtocol, n))
+			return
+		}
+		if err := sp.copyFrame(int(n)); err != nil {
+			sp.abort(err)
+			return
+		}
+	}
+}
+
+func (sp *splice) copyFrame(n int) error {
+	bp := netx.GetBuf()
+	defer netx.PutBuf(bp)
+	buf := (*bp)[:netx.BufSize]
+	for n > 0 {
+		chunk := buf
+		if n < len(chunk) {
+			chunk = chunk[:n]
+		}
+		if err := sp.readFull(sp.stream, chunk); err != nil {
+			return err
+		}
+		sp.idle.Touch()
+		if _, err := sp.user.Write(chunk); err != nil {
+			return fmt.Errorf("write to user: %w", err)
+		}
+		sp.nDown += int64(len(chunk))
+		n -= len(chunk)
+	}
+	if sp.ys != nil {
+		sp.ys.Shrink()
+	}
+	return nil
+}
