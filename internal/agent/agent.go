@@ -123,6 +123,18 @@ func (a *Agent) Routes() []tunnel.RouteInfo {
 	return append([]tunnel.RouteInfo(nil), a.current.routes...)
 }
 
+// YamuxStreams returns the number of yamux streams open in all live
+// sessions, control streams included.
+func (a *Agent) YamuxStreams() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	n := 0
+	for s := range a.sessions {
+		n += s.ts.Mux.NumStreams()
+	}
+	return n
+}
+
 // Reload is called on SIGHUP. Nothing is reloadable yet.
 func (a *Agent) Reload() {
 	a.log.Info("reload: nothing to reload in this version; configuration unchanged")

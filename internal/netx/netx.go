@@ -7,6 +7,7 @@ package netx
 import (
 	"errors"
 	"net"
+	"os"
 	"sync"
 	"syscall"
 	"time"
@@ -73,9 +74,12 @@ func UserTimeout(c net.Conn, d time.Duration) error {
 // Readable waits until a read on the connection behind rc would not block
 // (data, EOF or an error are pending) without taking a buffer, so that an
 // idle connection pins no memory. It honours the connection's read deadline.
+// A socket error seen while waiting (a reset) is returned by Wait: the
+// kernel reports it only once, so the following Read would see a clean EOF.
 type Readable struct {
-	rc syscall.RawConn
-	f  func(uintptr) bool
+	rc  syscall.RawConn
+	f   func(uintptr) bool
+	err syscall.Errno
 }
 
 // NewReadable returns a waiter for c, or nil if c has no raw socket.
@@ -88,14 +92,24 @@ func NewReadable(c net.Conn) *Readable {
 	if err != nil {
 		return nil
 	}
-	return &Readable{rc: rc, f: peek}
+	r := &Readable{rc: rc}
+	r.f = r.peek
+	return r
 }
 
-func peek(fd uintptr) bool {
+func (r *Readable) peek(fd uintptr) bool {
 	var b [1]byte
 	_, _, e := syscall.Syscall6(syscall.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&b[0])), 1,
 		syscall.MSG_PEEK|syscall.MSG_DONTWAIT, 0, 0)
-	return e != syscall.EAGAIN && e != syscall.EINTR
+	switch e {
+	case syscall.EAGAIN, syscall.EINTR:
+		return false
+	case 0:
+		return true
+	default:
+		r.err = e
+		return true
+	}
 }
 
 // Wait blocks until the socket is readable. A nil waiter returns at once.
@@ -103,5 +117,13 @@ func (r *Readable) Wait() error {
 	if r == nil {
 		return nil
 	}
-	return r.rc.Read(r.f)
+	if err := r.rc.Read(r.f); err != nil {
+		return err
+	}
+	if r.err != 0 {
+		err := r.err
+		r.err = 0
+		return &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("recvfrom", err)}
+	}
+	return nil
 }

@@ -17,7 +17,8 @@ type AgentInfo struct {
 	Started    time.Time `json:"started"`
 	Version    int       `json:"version"`
 	Routes     []string  `json:"routes"`
-	Streams    int64     `json:"streams"`
+	Streams    int64     `json:"streams"`       // open data streams
+	Yamux      int       `json:"yamux_streams"` // yamux streams, control stream included
 }
 
 // Agents lists the live agent sessions of this member.
@@ -27,7 +28,7 @@ func (s *Server) Agents() []AgentInfo {
 	out := make([]AgentInfo, 0, len(s.sessions))
 	for as := range s.sessions {
 		ai := AgentInfo{Agent: as.agent, Session: as.id, Generation: as.gen, Remote: as.remote,
-			Started: as.started.UTC(), Version: as.ts.Version, Streams: as.streams.Load(), Routes: []string{}}
+			Started: as.started.UTC(), Version: as.ts.Version, Streams: as.streams.Load(), Yamux: as.ts.Mux.NumStreams(), Routes: []string{}}
 		for _, r := range as.routes {
 			ai.Routes = append(ai.Routes, r.key.String()+" -> "+r.info.Proxy.String())
 		}
