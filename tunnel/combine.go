@@ -3,6 +3,7 @@ package tunnel
 import (
 	"net"
 	"sync"
+	"time"
 )
 
 // combiner is the net.Conn a yamux session writes to. yamux writes each
@@ -10,19 +11,24 @@ import (
 // each; the combiner queues them and one flusher goroutine writes all that
 // has accumulated in a single syscall. There is no added delay: the flusher
 // writes as soon as it is woken, and what arrives during one write goes in
-// the next. A data header is queued without waking the flusher, because its
-// body is the very next write, so a frame is never split across syscalls.
+// the next. A data header is held (the flusher does not take it) until its
+// body, the very next write, is queued, so a frame is not split across
+// syscalls; the write after a data header is always its body, whatever it
+// looks like. A body too large to queue behind its header releases the
+// header alone rather than wait for room that would never come.
 type combiner struct {
 	net.Conn
 	max int
 
-	mu      sync.Mutex
-	cond    sync.Cond
-	pending []byte
-	spare   []byte
-	err     error
-	closed  bool
-	done    chan struct{}
+	mu       sync.Mutex
+	cond     sync.Cond
+	pending  []byte
+	spare    []byte
+	err      error
+	closed   bool
+	wantBody bool // the last write was a data header: the next is its body
+	hold     bool // pending ends with a data header whose body is not queued
+	done     chan struct{}
 }
 
 func newCombiner(c net.Conn, max int) *combiner {
@@ -42,6 +48,12 @@ func isDataHeader(p []byte) bool {
 func (w *combiner) Write(p []byte) (int, error) {
 	w.mu.Lock()
 	for w.err == nil && !w.closed && len(w.pending) > 0 && len(w.pending)+len(p) > w.max {
+		if w.hold {
+			// The flusher is idle, waiting for this body: let it send
+			// the header alone, or nobody makes room.
+			w.hold = false
+			w.cond.Broadcast()
+		}
 		w.cond.Wait()
 	}
 	if w.err != nil || w.closed {
@@ -53,7 +65,15 @@ func (w *combiner) Write(p []byte) (int, error) {
 		return 0, err
 	}
 	w.pending = append(w.pending, p...)
-	if !isDataHeader(p) {
+	switch {
+	case w.wantBody:
+		// p is the body of the data header before it, even if it looks
+		// like a header itself.
+		w.wantBody, w.hold = false, false
+		w.cond.Broadcast()
+	case isDataHeader(p):
+		w.wantBody, w.hold = true, true
+	default:
 		w.cond.Broadcast()
 	}
 	w.mu.Unlock()
@@ -64,7 +84,7 @@ func (w *combiner) flush() {
 	defer close(w.done)
 	w.mu.Lock()
 	for {
-		for len(w.pending) == 0 && !w.closed && w.err == nil {
+		for (len(w.pending) == 0 || w.hold) && !w.closed && w.err == nil {
 			w.cond.Wait()
 		}
 		if w.err != nil || (w.closed && len(w.pending) == 0) {
@@ -91,14 +111,18 @@ func (w *combiner) flush() {
 	}
 }
 
-// Close closes the connection and stops the flusher; queued bytes that
-// are not written yet are dropped (the session is going away).
+// closeFlushTimeout bounds how long Close spends writing what is queued.
+const closeFlushTimeout = time.Second
+
+// Close writes what is queued (a last control message, such as a
+// refusal, must reach the peer), for at most closeFlushTimeout, then
+// closes the connection and stops the flusher.
 func (w *combiner) Close() error {
 	w.mu.Lock()
 	w.closed = true
 	w.cond.Broadcast()
 	w.mu.Unlock()
-	err := w.Conn.Close()
+	_ = w.Conn.SetWriteDeadline(time.Now().Add(closeFlushTimeout))
 	<-w.done
-	return err
+	return w.Conn.Close()
 }
