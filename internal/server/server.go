@@ -305,8 +305,14 @@ func (s *Server) supersede(r *route, why error) {
 	s.log.Warn("route superseded; closing its proxy port", "target", r.key.String(),
 		"agent", r.sess.agent, "session", r.sess.id, "err", why)
 	s.removeRoute(r, false)
+	s.mu.Lock()
+	ts := r.sess.ts // nil while that session is still in its handshake
+	s.mu.Unlock()
+	if ts == nil {
+		return
+	}
 	s.spawn(func() {
-		_ = r.sess.ts.Send(&tunnel.Control{Type: tunnel.MsgSuperseded, Targets: []tunnel.Target{r.target}, Reason: why.Error()})
+		_ = ts.Send(&tunnel.Control{Type: tunnel.MsgSuperseded, Targets: []tunnel.Target{r.target}, Reason: why.Error()})
 	})
 }
 

@@ -89,8 +89,8 @@ func (s *Server) handleTunnel(conn net.Conn) {
 		s.dropSession(as)
 		return
 	}
-	as.ts = ts
 	s.mu.Lock()
+	as.ts = ts
 	if s.closed {
 		s.mu.Unlock()
 		ts.Close()
@@ -415,6 +415,9 @@ func (s *Server) handleRelay(c net.Conn) {
 	key := registry.Key{Network: p.Target.Network, Addr: p.Target.Addr}
 	s.mu.Lock()
 	r := s.routes[key]
+	if r != nil && !r.served { // its session is still in the handshake
+		r = nil
+	}
 	s.mu.Unlock()
 	switch {
 	case r == nil:
