@@ -10,6 +10,8 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"regexp"
+	"strconv"
 	"strings"
 
 	"go.yaml.in/yaml/v3"
@@ -30,12 +32,13 @@ func Load(path string, v Validator) error {
 	return Parse(data, v)
 }
 
-// Parse decodes YAML text into v strictly and validates it.
+// Parse decodes YAML text into v strictly and validates it. Decoding
+// errors name the key as well as the line.
 func Parse(data []byte, v Validator) error {
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
 	if err := dec.Decode(v); err != nil && !errors.Is(err, io.EOF) {
-		return fmt.Errorf("config: %w", err)
+		return fmt.Errorf("config: %s", nameKeys(data, err.Error()))
 	}
 	if err := v.Validate(); err != nil {
 		return fmt.Errorf("config: %w", err)
@@ -135,4 +138,40 @@ func orDefault(s, d string) string {
 		return d
 	}
 	return s
+}
+
+var lineRef = regexp.MustCompile(`line (\d+):`)
+
+// nameKeys rewrites "line N:" in a YAML error as "line N (key.path):".
+func nameKeys(data []byte, msg string) string {
+	var root yaml.Node
+	if yaml.Unmarshal(data, &root) != nil {
+		return msg
+	}
+	keys := map[int]string{}
+	var walk func(n *yaml.Node, prefix string)
+	walk = func(n *yaml.Node, prefix string) {
+		switch n.Kind {
+		case yaml.DocumentNode, yaml.SequenceNode:
+			for _, c := range n.Content {
+				walk(c, prefix)
+			}
+		case yaml.MappingNode:
+			for i := 0; i+1 < len(n.Content); i += 2 {
+				k := prefix + n.Content[i].Value
+				if _, seen := keys[n.Content[i].Line]; !seen {
+					keys[n.Content[i].Line] = k
+				}
+				walk(n.Content[i+1], k+".")
+			}
+		}
+	}
+	walk(&root, "")
+	return lineRef.ReplaceAllStringFunc(msg, func(m string) string {
+		line, _ := strconv.Atoi(lineRef.FindStringSubmatch(m)[1])
+		if k, ok := keys[line]; ok {
+			return "line " + strconv.Itoa(line) + " (" + k + "):"
+		}
+		return m
+	})
 }
