@@ -8,7 +8,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vpcreach/vpcreach/internal/netx"
+	"github.com/vpcreach/vpcreach/internal/socks"
 	"github.com/vpcreach/vpcreach/internal/testutil"
+	"github.com/vpcreach/vpcreach/registry"
 )
 
 // SOCKS5 reply codes (RFC 1928).
@@ -107,4 +110,32 @@ func TestReplyCodes(t *testing.T) {
 			t.Fatalf("got %q", got)
 		}
 	})
+}
+
+func TestSocksHandshakeDeadline(t *testing.T) {
+	reg := registry.NewMemory(nil)
+	cfg := socks.Config{Listen: "127.0.0.1:0", HandshakeTimeout: 300 * time.Millisecond}
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	s := socks.New(cfg, reg, testutil.Logger(t))
+	ln := testutil.Listen(t)
+	done := make(chan struct{})
+	go func() { defer close(done); _ = s.Serve(ln) }()
+	defer func() { s.Close(); <-done }()
+
+	for _, stall := range [][]byte{nil, {5}, {5, 1, 0, 5, 1}} { // nothing, half a greeting, half a request
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = c.Write(stall)
+		start := time.Now()
+		_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_, err = io.ReadAll(c)
+		if d := time.Since(start); d > 2*time.Second || netx.IsTimeout(err) {
+			t.Fatalf("stalled client (%v) still connected after %v (%v)", stall, d, err)
+		}
+		c.Close()
+	}
 }
