@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"strings"
 	"time"
 )
 
@@ -98,7 +99,10 @@ func (c *APIClient) get(ctx context.Context, path string, v any) error {
 	case http.StatusOK:
 		return json.Unmarshal(body, v)
 	case http.StatusNotFound:
-		return ErrNotFound
+		if strings.HasPrefix(resp.Header.Get("Content-Type"), "application/json") {
+			return ErrNotFound
+		}
+		return fmt.Errorf("registry: lookup API: %s at %s (is this a vpcreach lookup API?)", resp.Status, c.base+path)
 	default:
 		return fmt.Errorf("registry: lookup API: %s: %s", resp.Status, body)
 	}

@@ -176,7 +176,10 @@ func (sp *splice) up() {
 				sp.abort(fmt.Errorf("write to tunnel: %w", werr))
 				return
 			}
-			_ = sp.stream.Close() // yamux: Close is the half-close
+			// The end marker is the half-close. The stream itself stays
+			// open until Splice returns: a yamux Close would start its
+			// StreamCloseTimeout, which resets the stream while the other
+			// direction may still be moving data.
 			return
 		default:
 			sp.sendAbort(err)
