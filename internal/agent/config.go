@@ -34,7 +34,7 @@ type Config struct {
 	// after a move. Default 30 s.
 	DrainGrace time.Duration `yaml:"drain_grace"`
 	// BackoffMax caps the reconnect backoff. Default 15 s.
-	BackoffMax time.Duration `yaml:"backoff_max"`
+	BackoffMax time.Duration   `yaml:"backoff_max"`
 	Tunnel     tunnel.Settings `yaml:"tunnel"`
 	Log        config.Log      `yaml:"log"`
 }

@@ -26,7 +26,7 @@ type Ports struct {
 
 	mu    sync.Mutex
 	inUse map[int]registry.Key
-	freed map[int]freed       // released ports, by port
+	freed map[int]freed        // released ports, by port
 	last  map[registry.Key]int // the last port each key held
 }
 
