@@ -81,18 +81,27 @@ func (c *Config) Validate() error {
 	seen := map[string]bool{}
 	for i, t := range c.Targets {
 		key := fmt.Sprintf("targets[%d]", i)
-		if _, err := t.parse(); err != nil {
+		// Duplicates are found on the parsed address, so that two
+		// spellings of one target (10.0.0.5:22, [::ffff:10.0.0.5]:22,
+		// 10.0.0.5:022; :22, 0.0.0.0:22, [::]:22) are caught here rather
+		// than refused by the server as "target listed twice".
+		dup := t.Addr
+		if pt, err := t.parse(); err != nil {
 			p.Addf(key+".addr", "%v", err)
+		} else if pt.Addr.Addr().IsUnspecified() {
+			dup = fmt.Sprintf(":%d", pt.Addr.Port())
+		} else {
+			dup = pt.Addr.String()
 		}
 		if t.Network != "" {
 			if err := registry.ValidNetwork(t.Network); err != nil {
 				p.Addf(key+".network", "%v", err)
 			}
 		}
-		if seen[t.Network+"/"+t.Addr] {
+		if seen[t.Network+"/"+dup] {
 			p.Addf(key, "duplicate target %s", t.Addr)
 		}
-		seen[t.Network+"/"+t.Addr] = true
+		seen[t.Network+"/"+dup] = true
 	}
 	for _, d := range []struct {
 		v   *time.Duration
