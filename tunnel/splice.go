@@ -234,6 +234,7 @@ func (sp *splice) down() {
 }
 
 func (sp *splice) copyFrame(n int) error {
+	n0 := n
 	bp := netx.GetBuf()
 	defer netx.PutBuf(bp)
 	buf := (*bp)[:netx.BufSize]
@@ -252,7 +253,12 @@ func (sp *splice) copyFrame(n int) error {
 		sp.nDown += int64(len(chunk))
 		n -= len(chunk)
 	}
-	if sp.ys != nil {
+	// yamux keeps a stream's receive buffer (about twice its largest frame)
+	// until Shrink. Keep it while a bulk transfer runs (full frames follow
+	// one another: reallocating per frame would cost an allocation and a
+	// zeroing per frame), free it after a short frame, which ends a burst:
+	// an idle connection then pins no buffer.
+	if sp.ys != nil && n0 < netx.BufSize {
 		sp.ys.Shrink()
 	}
 	return nil
