@@ -8,10 +8,12 @@ import (
 
 // combiner is the net.Conn a yamux session writes to. yamux writes each
 // frame as two writes (header, then body) from one goroutine and waits for
-// each; the combiner queues them and one flusher goroutine writes all that
-// has accumulated in a single syscall. There is no added delay: the flusher
-// writes as soon as it is woken, and what arrives during one write goes in
-// the next. A data header is held (the flusher does not take it) until its
+// each. When nothing is queued and no write is in progress, the combiner
+// writes a data header and its body together in one writev, at once, from
+// the caller (no copy, no goroutine switch). Otherwise it queues, and one
+// flusher goroutine writes all that has accumulated in a single syscall:
+// there is no added delay, and what arrives during one write goes in the
+// next. A data header is held (the flusher does not take it) until its
 // body, the very next write, is queued, so a frame is not split across
 // syscalls; the write after a data header is always its body, whatever it
 // looks like. A body too large to queue behind its header releases the
@@ -28,6 +30,9 @@ type combiner struct {
 	closed   bool
 	wantBody bool // the last write was a data header: the next is its body
 	hold     bool // pending ends with a data header whose body is not queued
+	writing  bool // a write syscall is in progress (flusher or inline)
+	hdr      [yamuxHeaderSize]byte
+	bufs     net.Buffers
 	done     chan struct{}
 }
 
@@ -64,6 +69,10 @@ func (w *combiner) Write(p []byte) (int, error) {
 		}
 		return 0, err
 	}
+	if !w.writing && (w.wantBody && len(w.pending) == yamuxHeaderSize ||
+		!w.wantBody && len(w.pending) == 0 && !isDataHeader(p)) {
+		return w.writeInline(p)
+	}
 	w.pending = append(w.pending, p...)
 	switch {
 	case w.wantBody:
@@ -80,12 +89,49 @@ func (w *combiner) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
+// writeInline writes p now, after the data header held for it if any,
+// in one writev and without waking the flusher: nothing else is queued and
+// no write is in progress, so waiting could only add delay. Called with mu
+// held; returns with it released.
+func (w *combiner) writeInline(p []byte) (int, error) {
+	w.bufs = w.bufs[:0]
+	if w.wantBody {
+		copy(w.hdr[:], w.pending)
+		w.bufs = append(w.bufs, w.hdr[:])
+		w.pending = w.pending[:0]
+		w.wantBody, w.hold = false, false
+	}
+	w.bufs = append(w.bufs, p)
+	w.writing = true
+	bufs := w.bufs
+	w.mu.Unlock()
+
+	_, err := bufs.WriteTo(w.Conn)
+
+	w.mu.Lock()
+	w.writing = false
+	if err != nil && w.err == nil {
+		w.err = err
+	}
+	err = w.err
+	w.cond.Broadcast() // the flusher, if anything was queued meanwhile
+	w.mu.Unlock()
+	if err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
 func (w *combiner) flush() {
 	defer close(w.done)
 	w.mu.Lock()
 	for {
-		for (len(w.pending) == 0 || w.hold) && !w.closed && w.err == nil {
+		for (len(w.pending) == 0 || w.hold || w.writing) && !w.closed && w.err == nil {
 			w.cond.Wait()
+		}
+		if w.writing { // closed while an inline write runs: let it finish
+			w.cond.Wait()
+			continue
 		}
 		if w.err != nil || (w.closed && len(w.pending) == 0) {
 			w.mu.Unlock()
@@ -93,12 +139,14 @@ func (w *combiner) flush() {
 		}
 		buf := w.pending
 		w.pending = w.spare[:0]
+		w.writing = true
 		w.cond.Broadcast() // writers waiting for room
 		w.mu.Unlock()
 
 		_, err := w.Conn.Write(buf)
 
 		w.mu.Lock()
+		w.writing = false
 		if cap(buf) <= 2*w.max {
 			w.spare = buf[:0]
 		} else {
