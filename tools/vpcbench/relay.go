@@ -1,0 +1,169 @@
+package main
+
+import (
+	"bufio"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"time"
+)
+
+// The floor: a plain Go TCP relay, one goroutine per direction, io.Copy,
+// half-close. It runs as a separate process (the hidden subcommand
+// "vpcbench relay -listen A -to B") so that its CPU and memory are
+// measured like those of the vpcreach binaries. Note that on Linux
+// io.Copy between two *net.TCPConn uses splice(2): the floor never copies
+// payload through user space.
+
+// relayMain is the relay subcommand. It prints "ready ADDR" once listening.
+func relayMain(args []string) int {
+	fs := flag.NewFlagSet("relay", flag.ContinueOnError)
+	listen := fs.String("listen", "", "listen address")
+	to := fs.String("to", "", "address to forward to")
+	if err := fs.Parse(args); err != nil || *listen == "" || *to == "" {
+		fmt.Fprintln(os.Stderr, "usage: vpcbench relay -listen ADDR -to ADDR")
+		return 2
+	}
+	ln, err := net.Listen("tcp", *listen)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "relay:", err)
+		return 1
+	}
+	fmt.Printf("ready %s\n", ln.Addr())
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if ne, ok := err.(net.Error); ok && ne.Timeout() {
+				continue
+			}
+			if strings.Contains(err.Error(), "too many open files") {
+				time.Sleep(10 * time.Millisecond)
+				continue
+			}
+			fmt.Fprintln(os.Stderr, "relay: accept:", err)
+			return 1
+		}
+		go func() {
+			d, err := net.Dial("tcp", *to)
+			if err != nil {
+				c.Close()
+				return
+			}
+			join(c.(*net.TCPConn), d.(*net.TCPConn))
+		}()
+	}
+}
+
+// join copies both ways between a and b with io.Copy, passing an EOF on
+// as a half-close, and closes both when both directions are done.
+func join(a, b *net.TCPConn) {
+	var wg sync.WaitGroup
+	wg.Add(2)
+	half := func(dst, src *net.TCPConn) {
+		defer wg.Done()
+		if _, err := io.Copy(dst, src); err != nil {
+			// A reset or error: end both directions.
+			a.Close()
+			b.Close()
+			return
+		}
+		_ = dst.CloseWrite()
+	}
+	go half(b, a)
+	go half(a, b)
+	wg.Wait()
+	a.Close()
+	b.Close()
+}
+
+// startRelay starts one relay process from listen to to and waits for
+// its ready line.
+func startRelay(dir, name, listen, to string) (*proc, error) {
+	self, err := os.Executable()
+	if err != nil {
+		self = os.Args[0]
+	}
+	cmd := exec.Command(self, "relay", "-listen", listen, "-to", to)
+	logf, err := os.Create(dir + "/" + name + ".log")
+	if err != nil {
+		return nil, err
+	}
+	defer logf.Close()
+	cmd.Stderr = logf
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	p, err := launch(name, cmd)
+	if err != nil {
+		return nil, err
+	}
+	p.log = logf.Name()
+	ready := make(chan error, 1)
+	go func() {
+		line, err := bufio.NewReader(out).ReadString('\n')
+		if err == nil && !strings.HasPrefix(line, "ready ") {
+			err = fmt.Errorf("unexpected output %q", line)
+		}
+		ready <- err
+		_, _ = io.Copy(io.Discard, out)
+	}()
+	select {
+	case err := <-ready:
+		if err != nil {
+			p.stop()
+			return nil, fmt.Errorf("relay %s: %v\n%s", name, err, p.tail(5))
+		}
+	case <-time.After(10 * time.Second):
+		p.stop()
+		return nil, fmt.Errorf("relay %s: not ready after 10 s", name)
+	}
+	return p, nil
+}
+
+// chain is n relay processes in a row in front of target.
+type chain struct {
+	addr  string // where clients connect
+	procs []*proc
+}
+
+func startChain(dir string, ports *portAlloc, name string, n int, target string) (*chain, error) {
+	c := &chain{}
+	next := target
+	// Start from the target end so each relay's destination is up.
+	for i := n; i >= 1; i-- {
+		listen, err := ports.addr()
+		if err != nil {
+			c.stop()
+			return nil, err
+		}
+		p, err := startRelay(dir, fmt.Sprintf("%s-relay%d", name, i), listen, next)
+		if err != nil {
+			c.stop()
+			return nil, err
+		}
+		c.procs = append(c.procs, p)
+		next = listen
+	}
+	c.addr = next
+	return c, nil
+}
+
+func (c *chain) pids() []int {
+	var out []int
+	for _, p := range c.procs {
+		out = append(out, p.pid())
+	}
+	return out
+}
+
+func (c *chain) stop() {
+	for _, p := range c.procs {
+		p.stop()
+	}
+}
