@@ -34,6 +34,37 @@ type combiner struct {
 	hdr      [yamuxHeaderSize]byte
 	bufs     net.Buffers
 	done     chan struct{}
+
+	// Read side, used only by yamux's receive goroutine.
+	rbuf       []byte
+	rpos, rlen int
+}
+
+// readBufSize is the read-ahead of the tunnel socket. yamux reads through
+// a 4 KiB bufio.Reader; serving it from a larger buffer brings in many
+// frames per syscall.
+const readBufSize = 64 << 10
+
+// Read serves yamux's reader from the read-ahead buffer.
+func (w *combiner) Read(p []byte) (int, error) {
+	if w.rpos < w.rlen {
+		n := copy(p, w.rbuf[w.rpos:w.rlen])
+		w.rpos += n
+		return n, nil
+	}
+	if len(p) >= readBufSize {
+		return w.Conn.Read(p)
+	}
+	if w.rbuf == nil {
+		w.rbuf = make([]byte, readBufSize)
+	}
+	n, err := w.Conn.Read(w.rbuf)
+	if n == 0 {
+		return 0, err
+	}
+	w.rlen = n
+	w.rpos = copy(p, w.rbuf[:n])
+	return w.rpos, nil // an error with data recurs on the next read
 }
 
 func newCombiner(c net.Conn, max int) *combiner {

@@ -143,19 +143,10 @@ func (sp *splice) up() {
 		_ = sp.user.SetReadDeadline(dl)
 	}
 	for {
-		if err := rd.Wait(); err != nil {
-			if retry, cause := sp.idleRetry(err, sp.user); retry {
-				continue
-			} else {
-				sp.sendAbort(cause)
-				return
-			}
-		}
-		bp := netx.GetBuf()
-		buf := *bp
-		n, err := sp.read(sp.user, buf[4:4+netx.BufSize])
+		bp, n, err := sp.readUser(rd)
 		if n > 0 {
 			sp.idle.Touch()
+			buf := *bp
 			binary.BigEndian.PutUint32(buf, uint32(n))
 			_, werr := sp.stream.Write(buf[:4+n])
 			netx.PutBuf(bp)
@@ -164,7 +155,7 @@ func (sp *splice) up() {
 				return
 			}
 			sp.nUp += int64(n)
-		} else {
+		} else if bp != nil {
 			netx.PutBuf(bp)
 		}
 		switch {
@@ -184,6 +175,33 @@ func (sp *splice) up() {
 		default:
 			sp.sendAbort(err)
 			return
+		}
+	}
+}
+
+// readUser reads the next chunk of the user side into a pooled buffer
+// (at offset 4, room for the frame header), with idle retries. On a raw
+// socket it is one syscall per chunk and holds no buffer while waiting.
+func (sp *splice) readUser(rd *netx.Readable) (*[]byte, int, error) {
+	for {
+		var bp *[]byte
+		var n int
+		var err error
+		if rd != nil {
+			bp, n, err = rd.ReadBuf(4)
+		} else {
+			bp = netx.GetBuf()
+			n, err = sp.user.Read((*bp)[4 : 4+netx.BufSize])
+		}
+		if n > 0 || err == nil {
+			return bp, n, err
+		}
+		if bp != nil {
+			netx.PutBuf(bp)
+		}
+		retry, cause := sp.idleRetry(err, sp.user)
+		if !retry {
+			return nil, 0, cause
 		}
 	}
 }

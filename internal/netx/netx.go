@@ -6,6 +6,7 @@ package netx
 
 import (
 	"errors"
+	"io"
 	"net"
 	"os"
 	"sync"
@@ -126,4 +127,47 @@ func (r *Readable) Wait() error {
 		return &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("recvfrom", err)}
 	}
 	return nil
+}
+
+// ReadBuf reads from the socket into a pooled buffer at offset off (up to
+// BufSize bytes) in one syscall when data is there, and holds no buffer
+// while it waits: the buffer is taken before each attempt and returned
+// when the socket has nothing. It honours the read deadline. On success
+// the caller owns bp and returns it with PutBuf; n == 0 with a nil error
+// never happens (EOF is io.EOF). A nil waiter is an error.
+func (r *Readable) ReadBuf(off int) (bp *[]byte, n int, err error) {
+	if r == nil {
+		return nil, 0, errors.New("netx: no raw socket")
+	}
+	var errno syscall.Errno
+	rerr := r.rc.Read(func(fd uintptr) bool {
+		if bp == nil {
+			bp = GetBuf()
+		}
+		buf := (*bp)[off : off+BufSize]
+		m, _, e := syscall.Syscall(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf)))
+		switch e {
+		case syscall.EAGAIN:
+			PutBuf(bp)
+			bp = nil
+			return false
+		case syscall.EINTR:
+			return false
+		}
+		n, errno = int(m), e
+		return true
+	})
+	switch {
+	case rerr != nil:
+		err = rerr
+	case errno != 0:
+		err = &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", errno)}
+	case n == 0:
+		err = io.EOF
+	}
+	if err != nil && bp != nil {
+		PutBuf(bp)
+		bp = nil
+	}
+	return bp, n, err
 }
