@@ -18,7 +18,7 @@ import (
 )
 
 // BufSize is the size of pooled copy buffers.
-const BufSize = 32 << 10
+const BufSize = 128 << 10
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, BufSize+4); return &b }}
 
