@@ -209,19 +209,7 @@ func TestHalfClose(t *testing.T) {
 	reg, _, socksAddr := single(t, target)
 	for _, path := range []string{"socks5", "proxy port"} {
 		t.Run(path, func(t *testing.T) {
-			var c net.Conn
-			if path == "socks5" {
-				c, _ = socksConnect(t, socksAddr, target)
-			} else {
-				var err error
-				if c, err = net.Dial("tcp", waitRoute(t, reg, target, "").Proxy.String()); err != nil {
-					t.Fatal(err)
-				}
-				defer c.Close()
-			}
-			if c == nil {
-				t.Fatal("connect failed")
-			}
+			c := connectVia(t, path, reg, socksAddr, target)
 			if _, err := c.Write([]byte("12345")); err != nil {
 				t.Fatal(err)
 			}
@@ -255,19 +243,7 @@ func TestAbortIsReset(t *testing.T) {
 	reg, _, socksAddr := single(t, target)
 	for _, path := range []string{"socks5", "proxy port"} {
 		t.Run(path, func(t *testing.T) {
-			var c net.Conn
-			if path == "socks5" {
-				c, _ = socksConnect(t, socksAddr, target)
-			} else {
-				var err error
-				if c, err = net.Dial("tcp", waitRoute(t, reg, target, "").Proxy.String()); err != nil {
-					t.Fatal(err)
-				}
-				defer c.Close()
-			}
-			if c == nil {
-				t.Fatal("connect failed")
-			}
+			c := connectVia(t, path, reg, socksAddr, target)
 			if _, err := io.ReadFull(c, make([]byte, 64<<10)); err != nil {
 				t.Fatal(err)
 			}
@@ -281,4 +257,23 @@ func TestAbortIsReset(t *testing.T) {
 			}
 		})
 	}
+}
+
+// connectVia connects to target through SOCKS5 ("socks5") or on its
+// proxy port ("proxy port"); the connection is closed at cleanup.
+func connectVia(t *testing.T, path string, reg registry.Reader, socksAddr, target string) net.Conn {
+	t.Helper()
+	if path == "socks5" {
+		c, rep := socksConnect(t, socksAddr, target)
+		if rep != repSuccess {
+			t.Fatalf("socks5 reply %d", rep)
+		}
+		return c
+	}
+	c, err := net.Dial("tcp", waitRoute(t, reg, target, "").Proxy.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
 }
