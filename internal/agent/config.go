@@ -103,21 +103,11 @@ func (c *Config) Validate() error {
 		}
 		seen[t.Network+"/"+dup] = true
 	}
-	for _, d := range []struct {
-		v   *time.Duration
-		def time.Duration
-		key string
-	}{{&c.DialTimeout, 5 * time.Second, "dial_timeout"},
-		{&c.ConnectTimeout, 5 * time.Second, "connect_timeout"},
-		{&c.IdleTimeout, time.Hour, "idle_timeout"},
-		{&c.DrainGrace, 30 * time.Second, "drain_grace"},
-		{&c.BackoffMax, 15 * time.Second, "backoff_max"}} {
-		if *d.v == 0 {
-			*d.v = d.def
-		} else if *d.v < 0 {
-			p.Addf(d.key, "must be positive")
-		}
-	}
+	p.Duration(&c.DialTimeout, 5*time.Second, "dial_timeout")
+	p.Duration(&c.ConnectTimeout, 5*time.Second, "connect_timeout")
+	p.Duration(&c.IdleTimeout, time.Hour, "idle_timeout")
+	p.Duration(&c.DrainGrace, 30*time.Second, "drain_grace")
+	p.Duration(&c.BackoffMax, 15*time.Second, "backoff_max")
 	c.Tunnel = c.Tunnel.WithDefaults()
 	c.Log.Validate(&p)
 	return p.Err()

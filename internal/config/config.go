@@ -13,6 +13,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"time"
 
 	"go.yaml.in/yaml/v3"
 )
@@ -52,6 +53,16 @@ type Problems []string
 // Addf records a problem about key.
 func (p *Problems) Addf(key, format string, args ...any) {
 	*p = append(*p, key+": "+fmt.Sprintf(format, args...))
+}
+
+// Duration fills *d with def when it is zero and records a problem about
+// key when it is negative.
+func (p *Problems) Duration(d *time.Duration, def time.Duration, key string) {
+	if *d == 0 {
+		*d = def
+	} else if *d < 0 {
+		p.Addf(key, "must be positive")
+	}
 }
 
 // Err returns nil or one error listing every problem.

@@ -95,18 +95,11 @@ func (c *Config) Validate() error {
 	} else if _, err := c.Token.Read(); err != nil {
 		p.Addf("token", "%v", err)
 	}
-	def := func(d *time.Duration, v time.Duration, key string) {
-		if *d == 0 {
-			*d = v
-		} else if *d < 0 {
-			p.Addf(key, "must be positive")
-		}
-	}
-	def(&c.Lease, 15*time.Second, "lease")
-	def(&c.Quarantine, c.Lease+15*time.Second, "quarantine")
-	def(&c.IdleTimeout, time.Hour, "idle_timeout")
-	def(&c.StatusTimeout, 10*time.Second, "status_timeout")
-	def(&c.DrainGrace, 30*time.Second, "drain_grace")
+	p.Duration(&c.Lease, 15*time.Second, "lease")
+	p.Duration(&c.Quarantine, c.Lease+15*time.Second, "quarantine")
+	p.Duration(&c.IdleTimeout, time.Hour, "idle_timeout")
+	p.Duration(&c.StatusTimeout, 10*time.Second, "status_timeout")
+	p.Duration(&c.DrainGrace, 30*time.Second, "drain_grace")
 	c.Tunnel = c.Tunnel.WithDefaults()
 	if c.Socks5 != nil {
 		if err := c.Socks5.Validate(); err != nil {

@@ -24,13 +24,13 @@ import (
 
 // Stats are the server's counters.
 type Stats struct {
-	Tunnels        atomic.Int64 `json:"-"` // live agent sessions
-	StreamsOpen    atomic.Int64 `json:"-"`
-	StreamsOpened  atomic.Int64 `json:"-"`
-	StreamsAtCap   atomic.Int64 `json:"-"` // streams refused at the per-session cap
-	Refusals       atomic.Int64 `json:"-"` // hellos refused
-	RelayRefusals  atomic.Int64 `json:"-"` // relay preambles answered with an error status
-	RegistryErrors atomic.Int64 `json:"-"`
+	Tunnels        atomic.Int64 // live agent sessions
+	StreamsOpen    atomic.Int64
+	StreamsOpened  atomic.Int64
+	StreamsAtCap   atomic.Int64 // streams refused at the per-session cap
+	Refusals       atomic.Int64 // hellos refused
+	RelayRefusals  atomic.Int64 // relay preambles answered with an error status
+	RegistryErrors atomic.Int64
 }
 
 // Snapshot returns the counters as a map, for the API.

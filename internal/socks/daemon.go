@@ -31,11 +31,7 @@ func (c *DaemonConfig) Validate() error {
 	if c.LookupAPI == "" {
 		p.Addf("lookup_api", "required: the proxy server's lookup API URL (e.g. http://127.0.0.1:7070)")
 	}
-	if c.DrainGrace == 0 {
-		c.DrainGrace = 30 * time.Second
-	} else if c.DrainGrace < 0 {
-		p.Addf("drain_grace", "must be positive")
-	}
+	p.Duration(&c.DrainGrace, 30*time.Second, "drain_grace")
 	c.Log.Validate(&p)
 	return p.Err()
 }

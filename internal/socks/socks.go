@@ -52,19 +52,9 @@ func (c *Config) Validate() error {
 			p.Addf("network", "%v", err)
 		}
 	}
-	for _, d := range []struct {
-		v   *time.Duration
-		def time.Duration
-		key string
-	}{{&c.HandshakeTimeout, 10 * time.Second, "handshake_timeout"},
-		{&c.ConnectTimeout, 10 * time.Second, "connect_timeout"},
-		{&c.IdleTimeout, time.Hour, "idle_timeout"}} {
-		if *d.v == 0 {
-			*d.v = d.def
-		} else if *d.v < 0 {
-			p.Addf(d.key, "must be positive")
-		}
-	}
+	p.Duration(&c.HandshakeTimeout, 10*time.Second, "handshake_timeout")
+	p.Duration(&c.ConnectTimeout, 10*time.Second, "connect_timeout")
+	p.Duration(&c.IdleTimeout, time.Hour, "idle_timeout")
 	return p.Err()
 }
 
