@@ -29,12 +29,8 @@ func TestWrongTokenRefused(t *testing.T) {
 	reg := registry.NewMemory(nil)
 	logs := &testutil.LogBuffer{}
 	srv := startServer(t, reg, logger(logs))
-	conn, err := net.Dial("tcp", srv.ControlAddr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	_, _, err = tunnel.ClientHandshake(conn, hello("wrong-token-wrong-token", echo), tunnel.Settings{})
+	conn := dialControl(t, srv.ControlAddr().String())
+	_, _, err := tunnel.ClientHandshake(conn, hello("wrong-token-wrong-token", echo), tunnel.Settings{})
 	r, ok := tunnel.IsRefusal(err)
 	if !ok || r.Code != tunnel.RefuseAuth {
 		t.Fatalf("handshake: %v; want a refusal with code %q", err, tunnel.RefuseAuth)
@@ -50,11 +46,7 @@ func TestWrongTokenRefused(t *testing.T) {
 	}
 
 	// The server closes the connection after the refusal.
-	raw, err := net.Dial("tcp", srv.ControlAddr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer raw.Close()
+	raw := dialControl(t, srv.ControlAddr().String())
 	_, _ = raw.Write(tunnel.Magic[:])
 	_ = tunnel.WriteFrame(raw, hello("wrong-token-wrong-token", echo))
 	_ = raw.SetReadDeadline(time.Now().Add(5 * time.Second))
@@ -72,10 +64,7 @@ func TestSecondHelloIsProtocolError(t *testing.T) {
 	reg := registry.NewMemory(nil)
 	logs := &testutil.LogBuffer{}
 	srv := startServer(t, reg, logger(logs))
-	conn, err := net.Dial("tcp", srv.ControlAddr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
+	conn := dialControl(t, srv.ControlAddr().String())
 	sess, w, err := tunnel.ClientHandshake(conn, hello(testToken, echo), tunnel.Settings{})
 	if err != nil {
 		t.Fatal(err)
@@ -208,4 +197,15 @@ func dialRelay(route registry.Route) (net.Conn, tunnel.Status, error) {
 	st, err := tunnel.ReadStatus(c)
 	c.Close()
 	return c, st, errors.Join(err)
+}
+
+// dialControl connects to a control listener; closed at cleanup.
+func dialControl(t *testing.T, addr string) net.Conn {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"github.com/vpcreach/vpcreach/internal/testutil"
 	"io"
 	"net"
 	"os"
@@ -220,7 +221,7 @@ func TestCombinerStickyError(t *testing.T) {
 		t.Fatalf("first write: %v", err)
 	}
 	// The flusher's failure surfaces on a later Write, and stays.
-	waitFor(t, 5*time.Second, "the write error", func() bool {
+	testutil.Eventually(t, 5*time.Second, "the write error", func() bool {
 		_, err := w.Write([]byte("more"))
 		return err != nil
 	})
@@ -320,7 +321,7 @@ func TestCombinerCloseWhileStuck(t *testing.T) {
 		}
 		writerDone <- err
 	}()
-	waitFor(t, 5*time.Second, "the queue to fill", func() bool {
+	testutil.Eventually(t, 5*time.Second, "the queue to fill", func() bool {
 		w.mu.Lock()
 		defer w.mu.Unlock()
 		return len(w.pending) > 512

@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/yamux"
+
+	"github.com/vpcreach/vpcreach/internal/testutil"
 )
 
 // spliced is one user connection carried through the tunnel: the test
@@ -471,7 +473,7 @@ func TestSpliceConcurrent(t *testing.T) {
 		}
 	}
 	// Every stream is gone (the control stream remains).
-	waitFor(t, 10*time.Second, "the data streams to close", func() bool {
+	testutil.Eventually(t, 10*time.Second, "the data streams to close", func() bool {
 		return server.Mux.NumStreams() == 1 && agent.Mux.NumStreams() == 1
 	})
 }
