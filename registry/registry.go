@@ -120,6 +120,10 @@ type EventType int
 const (
 	EventPut EventType = iota + 1
 	EventDelete
+	// EventReset says events may have been lost (the watcher's connection
+	// to the store was re-established): treat every cached route as
+	// unverified. Key and Route are empty.
+	EventReset
 )
 
 // Event announces a change. Events are hints for caches: a watcher may

@@ -86,8 +86,22 @@ func (s Secret) IsSet() bool { return s.File != "" || s.Env != "" }
 // MinSecretLen is the shortest token accepted.
 const MinSecretLen = 16
 
-// Read returns the secret, trimmed of surrounding white space.
+// Read returns the secret, trimmed of surrounding white space; a token
+// shorter than MinSecretLen is an error.
 func (s Secret) Read() (string, error) {
+	v, err := s.ReadAny()
+	if err != nil {
+		return "", err
+	}
+	if len(v) < MinSecretLen {
+		return "", fmt.Errorf("token is shorter than %d characters", MinSecretLen)
+	}
+	return v, nil
+}
+
+// ReadAny returns the secret, trimmed of surrounding white space, whatever
+// its length (a password another system chose).
+func (s Secret) ReadAny() (string, error) {
 	var v string
 	switch {
 	case s.File != "" && s.Env != "":
@@ -106,11 +120,7 @@ func (s Secret) Read() (string, error) {
 	default:
 		return "", errors.New("no file or env given")
 	}
-	v = strings.TrimSpace(v)
-	if len(v) < MinSecretLen {
-		return "", fmt.Errorf("token is shorter than %d characters", MinSecretLen)
-	}
-	return v, nil
+	return strings.TrimSpace(v), nil
 }
 
 // Log configures logging.
