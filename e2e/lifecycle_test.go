@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -148,19 +149,21 @@ func TestStreamCap(t *testing.T) {
 		defer c.Close()
 		echoOnce(t, c, "held")
 	}
+	// The refusal is a reset; it may come so fast that the dial itself
+	// reports it.
 	c, err := net.Dial("tcp", route.Proxy.String())
-	if err != nil {
+	if err != nil && !errors.Is(err, syscall.ECONNRESET) {
 		t.Fatal(err)
 	}
-	defer c.Close()
-	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
-	_, _ = c.Write([]byte("third"))
-	if _, err := c.Read(make([]byte, 8)); err == nil {
-		t.Fatal("third connection got data; want it refused at the stream cap")
+	if err == nil {
+		defer c.Close()
+		_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_, _ = c.Write([]byte("third"))
+		if _, err := c.Read(make([]byte, 8)); err == nil {
+			t.Fatal("third connection got data; want it refused at the stream cap")
+		}
 	}
-	if got := srv.Stats.StreamsAtCap.Load(); got != 1 {
-		t.Fatalf("streams_at_cap = %d, want 1", got)
-	}
+	testutil.Eventually(t, 5*time.Second, "streams_at_cap = 1", func() bool { return srv.Stats.StreamsAtCap.Load() == 1 })
 	if !logs.Contains("stream limit reached") {
 		t.Fatal("no log line for the stream cap")
 	}

@@ -97,6 +97,10 @@ func ClientHandshake(conn net.Conn, h *Hello, set Settings) (*Session, *Welcome,
 	return &Session{Mux: mux, Version: ans.Welcome.Version, Settings: set, ctl: ctl}, ans.Welcome, nil
 }
 
+// ErrNoHello is ReadHello's error for a connection closed before its
+// first byte: a balancer's TCP health check or a port scan, not an agent.
+var ErrNoHello = fmt.Errorf("tunnel: connection closed before the hello: %w", io.EOF)
+
 // ReadHello runs the first half of the server side of the handshake: it
 // reads the magic and the hello within the hello deadline and size limit.
 // The caller authenticates and answers with Refuse or Accept.
@@ -106,6 +110,9 @@ func ReadHello(conn net.Conn, set Settings) (*Hello, error) {
 	_ = conn.SetDeadline(time.Now().Add(set.HelloTimeout))
 	var magic [len(Magic)]byte
 	if _, err := io.ReadFull(conn, magic[:]); err != nil {
+		if err == io.EOF {
+			return nil, ErrNoHello
+		}
 		return nil, fmt.Errorf("read magic: %w", err)
 	}
 	if magic != Magic {

@@ -10,7 +10,6 @@ import (
 	"github.com/vpcreach/vpcreach/internal/cli"
 	"github.com/vpcreach/vpcreach/internal/config"
 	"github.com/vpcreach/vpcreach/internal/server"
-	"github.com/vpcreach/vpcreach/registry"
 )
 
 func main() {
@@ -18,6 +17,15 @@ func main() {
 		func() *server.Config { return &server.Config{} },
 		func(c *server.Config) config.Log { return c.Log },
 		func(c *server.Config, log *slog.Logger) (cli.Daemon, error) {
-			return server.New(*c, registry.NewMemory(nil), log)
+			reg, err := c.Registry.Open(log)
+			if err != nil {
+				return nil, err
+			}
+			s, err := server.New(*c, reg, log)
+			if err != nil {
+				reg.Close()
+				return nil, err
+			}
+			return cli.WithCloser(s, reg), nil
 		}))
 }

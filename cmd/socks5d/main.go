@@ -17,6 +17,6 @@ func main() {
 		func() *socks.DaemonConfig { return &socks.DaemonConfig{} },
 		func(c *socks.DaemonConfig) config.Log { return c.Log },
 		func(c *socks.DaemonConfig, log *slog.Logger) (cli.Daemon, error) {
-			return socks.NewDaemon(*c, log), nil
+			return socks.NewDaemon(*c, log)
 		}))
 }

@@ -117,3 +117,17 @@ func RunDaemon(d Daemon, log *slog.Logger) error {
 		}
 	}
 }
+
+// WithCloser returns d, closing c after d's Run returns (a resource the
+// daemon uses but does not own, such as its registry).
+func WithCloser(d Daemon, c io.Closer) Daemon { return closing{d, c} }
+
+type closing struct {
+	Daemon
+	c io.Closer
+}
+
+func (d closing) Run(ctx, hard context.Context) error {
+	defer d.c.Close()
+	return d.Daemon.Run(ctx, hard)
+}

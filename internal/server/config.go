@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/vpcreach/vpcreach/internal/config"
+	"github.com/vpcreach/vpcreach/internal/proxyproto"
 	"github.com/vpcreach/vpcreach/internal/socks"
 	"github.com/vpcreach/vpcreach/tunnel"
 )
@@ -21,6 +22,11 @@ type Config struct {
 	// Control is the listen address for agent tunnels (what the VIP
 	// points at).
 	Control string `yaml:"control"`
+	// ProxyProtocolFrom lists the load balancers (addresses or CIDRs)
+	// whose connections to the control listener start with a PROXY
+	// protocol v2 header (haproxy send-proxy-v2): logs and caps then see
+	// the real agent address. Other peers are never parsed for one.
+	ProxyProtocolFrom []string `yaml:"proxy_protocol_from"`
 	// Advertise is this member's own address: proxy ports bind to it and
 	// routes name it.
 	Advertise string `yaml:"advertise"`
@@ -31,6 +37,11 @@ type Config struct {
 	API string `yaml:"api"`
 	// Ports is the proxy port range, "lo-hi".
 	Ports string `yaml:"port_range"`
+	// Registry is the route store: memory (default, one server) or redis
+	// (a cluster).
+	Registry config.Registry `yaml:"registry"`
+	// Cache tunes the in-process SOCKS5 front end's route cache (redis).
+	Cache socks.CacheConfig `yaml:"cache"`
 	// Token is the shared agent token.
 	Token config.Secret `yaml:"token"`
 	// Lease is the TTL of registered routes; they are renewed every
@@ -57,6 +68,7 @@ type Config struct {
 	// Filled by Validate.
 	advertise      netip.Addr
 	portLo, portHi int
+	balancers      proxyproto.Trusted
 }
 
 // Validate fills defaults and checks every field, reporting all problems.
@@ -69,6 +81,11 @@ func (c *Config) Validate() error {
 		p.Addf("control", "required (listen address for agent tunnels, e.g. 0.0.0.0:7000)")
 	} else if _, _, err := net.SplitHostPort(c.Control); err != nil {
 		p.Addf("control", "%v", err)
+	}
+	if t, err := proxyproto.ParseTrusted(c.ProxyProtocolFrom); err != nil {
+		p.Addf("proxy_protocol_from", "%v", err)
+	} else {
+		c.balancers = t
 	}
 	if a, err := netip.ParseAddr(c.Advertise); err != nil || a.IsUnspecified() {
 		p.Addf("advertise", "required: this member's own IP address (got %q)", c.Advertise)
@@ -95,6 +112,8 @@ func (c *Config) Validate() error {
 	} else if _, err := c.Token.Read(); err != nil {
 		p.Addf("token", "%v", err)
 	}
+	c.Registry.Validate(&p, "registry", "memory")
+	c.Cache.Validate(&p)
 	p.Duration(&c.Lease, 15*time.Second, "lease")
 	p.Duration(&c.Quarantine, c.Lease+15*time.Second, "quarantine")
 	p.Duration(&c.IdleTimeout, time.Hour, "idle_timeout")

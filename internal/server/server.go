@@ -72,6 +72,11 @@ type Server struct {
 	httpSrv             *http.Server
 	socks               *socks.Server
 	socksLn             net.Listener
+	cache               *registry.Cache // the SOCKS5 front end's, with a shared store
+
+	// renewNow asks the renewal loop for a round at once (after the
+	// store came back, or a route may have been taken over).
+	renewNow chan struct{}
 }
 
 // New builds a server from a validated config. reg is the route store;
@@ -84,7 +89,8 @@ func New(cfg Config, reg registry.Registry, log *slog.Logger) (*Server, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Server{cfg: cfg, log: log, reg: reg, token: tok, ctx: ctx, cancel: cancel,
 		ports:    NewPorts(cfg.portLo, cfg.portHi, cfg.Quarantine, nil),
-		sessions: map[*agentSession]struct{}{}, routes: map[registry.Key]*route{}}
+		sessions: map[*agentSession]struct{}{}, routes: map[registry.Key]*route{},
+		renewNow: make(chan struct{}, 1)}
 	return s, nil
 }
 
@@ -119,12 +125,20 @@ func (s *Server) Start() (err error) {
 		if s.socksLn, err = lc.Listen(s.ctx, "tcp", s.cfg.Socks5.Listen); err != nil {
 			return fmt.Errorf("socks5 listener: %w", err)
 		}
-		s.socks = socks.New(*s.cfg.Socks5, s.reg, s.log)
+		var routes registry.Reader = s.reg
+		if _, local := s.reg.(*registry.Memory); !local {
+			// Routes of other members come from the shared store:
+			// cache them, and let change events refresh the cache.
+			s.cache = registry.NewCache(s.reg, s.cfg.Cache.Options())
+			routes = s.cache
+		}
+		s.socks = socks.New(*s.cfg.Socks5, routes, s.log)
 		s.wg.Add(1)
 		go func() { defer s.wg.Done(); _ = s.socks.Serve(s.socksLn) }()
 	}
-	s.wg.Add(1)
+	s.wg.Add(2)
 	go s.renewLoop()
+	go s.watchLoop()
 	s.log.Info("proxy server started", "server", s.cfg.ServerID, "control", s.control.Addr().String(),
 		"relay", s.relay.Addr().String(), "advertise", s.cfg.advertise.String(), "ports", s.cfg.Ports)
 	return nil
@@ -267,35 +281,116 @@ func (s *Server) regCtx() (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.Background(), 3*time.Second)
 }
 
-// renewLoop renews every owned route each Lease/3. A route another
-// session took over is closed here and its agent told.
+// renewLoop renews every owned route each Lease/3, re-creating records the
+// store lost. While the store errors it retries sooner, backing off from
+// 250 ms to the renewal interval. A route another session took over is
+// closed here and its agent told.
 func (s *Server) renewLoop() {
 	defer s.wg.Done()
-	t := time.NewTicker(s.cfg.Lease / 3)
+	interval := s.cfg.Lease / 3
+	retry := 250 * time.Millisecond
+	t := time.NewTimer(interval)
 	defer t.Stop()
 	for {
 		select {
 		case <-s.ctx.Done():
 			return
 		case <-t.C:
-		}
-		s.mu.Lock()
-		rs := make([]*route, 0, len(s.routes))
-		for _, r := range s.routes {
-			rs = append(rs, r)
-		}
-		s.mu.Unlock()
-		for _, r := range rs {
-			ctx, cancel := s.regCtx()
-			err := s.reg.Renew(ctx, r.info, s.cfg.Lease)
-			cancel()
-			switch {
-			case errors.Is(err, registry.ErrStale), errors.Is(err, registry.ErrOwned):
-				s.supersede(r, err)
-			case err != nil:
-				s.Stats.RegistryErrors.Add(1)
-				s.log.Warn("route renewal failed; retrying", "target", r.key.String(), "err", err)
+		case <-s.renewNow:
+			if !t.Stop() {
+				<-t.C
 			}
+		}
+		next := interval
+		if failed := s.renewAll(); failed > 0 {
+			next = min(retry, interval)
+			retry = min(2*retry, interval)
+			s.log.Warn("route renewals failed; retrying", "failed", failed, "retry_in", next)
+		} else {
+			retry = 250 * time.Millisecond
+		}
+		t.Reset(next)
+	}
+}
+
+// renewAll renews every route once and returns how many failed for a
+// reason other than a takeover.
+func (s *Server) renewAll() (failed int) {
+	s.mu.Lock()
+	rs := make([]*route, 0, len(s.routes))
+	for _, r := range s.routes {
+		rs = append(rs, r)
+	}
+	s.mu.Unlock()
+	for _, r := range rs {
+		if s.ctx.Err() != nil {
+			return failed
+		}
+		ctx, cancel := s.regCtx()
+		err := s.reg.Renew(ctx, r.info, s.cfg.Lease)
+		cancel()
+		switch {
+		case errors.Is(err, registry.ErrStale), errors.Is(err, registry.ErrOwned):
+			s.supersede(r, err)
+		case err != nil:
+			s.Stats.RegistryErrors.Add(1)
+			s.log.Debug("route renewal failed", "target", r.key.String(), "err", err)
+			failed++
+		}
+	}
+	return failed
+}
+
+// kickRenewal asks for a renewal round now.
+func (s *Server) kickRenewal() {
+	select {
+	case s.renewNow <- struct{}{}:
+	default:
+	}
+}
+
+// watchLoop follows the registry's change events: they refresh the SOCKS5
+// cache, a put by another session of a key this member serves triggers a
+// renewal round (which closes the route if the other session is newer),
+// and a gap in events (the store reconnected, maybe restarted empty)
+// re-asserts every route at once. Events are hints: the renewal loop and
+// the cache TTL work without them.
+func (s *Server) watchLoop() {
+	defer s.wg.Done()
+	backoff := 250 * time.Millisecond
+	for s.ctx.Err() == nil {
+		ch, err := s.reg.Watch(s.ctx)
+		if err != nil {
+			s.log.Warn("registry events unavailable; retrying", "err", err, "retry_in", backoff)
+			select {
+			case <-s.ctx.Done():
+				return
+			case <-time.After(backoff):
+			}
+			backoff = min(2*backoff, 5*time.Second)
+			continue
+		}
+		backoff = 250 * time.Millisecond
+		s.onEvent(registry.Event{Type: registry.EventReset})
+		for ev := range ch {
+			s.onEvent(ev)
+		}
+	}
+}
+
+func (s *Server) onEvent(ev registry.Event) {
+	if s.cache != nil {
+		s.cache.Apply(ev)
+	}
+	switch ev.Type {
+	case registry.EventReset:
+		s.kickRenewal()
+	case registry.EventPut:
+		s.mu.Lock()
+		r := s.routes[ev.Key]
+		s.mu.Unlock()
+		if r != nil && r.info.Session != ev.Route.Session {
+			s.kickRenewal()
 		}
 	}
 }

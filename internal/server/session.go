@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/vpcreach/vpcreach/internal/netx"
+	"github.com/vpcreach/vpcreach/internal/proxyproto"
 	"github.com/vpcreach/vpcreach/registry"
 	"github.com/vpcreach/vpcreach/tunnel"
 )
@@ -49,7 +50,28 @@ type route struct {
 // handleTunnel runs one agent connection from the hello to its end.
 func (s *Server) handleTunnel(conn net.Conn) {
 	remote := conn.RemoteAddr().String()
+	if len(s.cfg.balancers) > 0 {
+		ap, local, err := proxyproto.Accept(conn, s.cfg.balancers, s.cfg.Tunnel.HelloTimeout)
+		if err != nil {
+			s.Stats.Refusals.Add(1)
+			s.log.Warn("tunnel refused: bad PROXY protocol header from a balancer", "balancer", remote, "err", err)
+			conn.Close()
+			return
+		}
+		if local { // the balancer's own health check
+			s.log.Debug("balancer health check", "balancer", remote)
+			conn.Close()
+			return
+		}
+		remote = ap.String()
+	}
 	hello, err := tunnel.ReadHello(conn, s.cfg.Tunnel)
+	if errors.Is(err, tunnel.ErrNoHello) {
+		// Closed before a byte: a TCP health check, or a port scan.
+		s.log.Debug("control connection closed before its hello", "remote", remote)
+		conn.Close()
+		return
+	}
 	if err != nil {
 		s.Stats.Refusals.Add(1)
 		s.log.Warn("tunnel handshake failed", "remote", remote, "err", err)

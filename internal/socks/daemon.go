@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"net"
+	"strings"
 	"time"
 
 	"github.com/vpcreach/vpcreach/internal/config"
@@ -14,8 +15,12 @@ import (
 type DaemonConfig struct {
 	Config `yaml:",inline"`
 	// LookupAPI is the proxy server's lookup API base URL (in-memory
-	// mode), e.g. http://10.0.0.2:7070.
+	// mode), e.g. http://10.0.0.2:7070. Either it or a redis registry.
 	LookupAPI string `yaml:"lookup_api"`
+	// Registry reads routes from the cluster's Redis (type: redis).
+	Registry config.Registry `yaml:"registry"`
+	// Cache tunes the route cache in front of the registry.
+	Cache CacheConfig `yaml:"cache"`
 	// DrainGrace is how long open connections may finish on SIGTERM.
 	// Default 30 s.
 	DrainGrace time.Duration `yaml:"drain_grace"`
@@ -28,43 +33,105 @@ func (c *DaemonConfig) Validate() error {
 	if err := c.Config.Validate(); err != nil {
 		p = append(p, err.Error())
 	}
-	if c.LookupAPI == "" {
-		p.Addf("lookup_api", "required: the proxy server's lookup API URL (e.g. http://127.0.0.1:7070)")
+	c.Registry.Validate(&p, "registry", "")
+	switch {
+	case c.Registry.Type == "memory":
+		p.Addf("registry.type", "socks5d has no registry of its own: use redis, or lookup_api for a single proxy server")
+	case c.LookupAPI == "" && c.Registry.Type == "":
+		p.Addf("lookup_api", "required unless registry.type is redis: the proxy server's lookup API URL (e.g. http://127.0.0.1:7070)")
+	case c.LookupAPI != "" && c.Registry.Type != "":
+		p.Addf("lookup_api", "set lookup_api or registry, not both")
 	}
+	c.Cache.Validate(&p)
 	p.Duration(&c.DrainGrace, 30*time.Second, "drain_grace")
 	c.Log.Validate(&p)
 	return p.Err()
 }
 
+// CacheConfig tunes the route cache (Redis mode).
+type CacheConfig struct {
+	// Fresh is how long a route is used without asking Redis. Change
+	// events from Redis pub/sub update it sooner. Default 5 s.
+	Fresh time.Duration `yaml:"fresh"`
+	// MaxStale is how much longer a route is served while Redis errors.
+	// Default 5 min.
+	MaxStale time.Duration `yaml:"max_stale"`
+}
+
+// Validate fills defaults.
+func (c *CacheConfig) Validate(p *config.Problems) {
+	p.Duration(&c.Fresh, 5*time.Second, "cache.fresh")
+	p.Duration(&c.MaxStale, 5*time.Minute, "cache.max_stale")
+}
+
+// Options returns the registry cache options.
+func (c CacheConfig) Options() registry.CacheOptions {
+	return registry.CacheOptions{Fresh: c.Fresh, MaxStale: c.MaxStale}
+}
+
 // Daemon runs a standalone socks5d.
 type Daemon struct {
-	cfg DaemonConfig
-	srv *Server
-	log *slog.Logger
+	cfg   DaemonConfig
+	srv   *Server
+	log   *slog.Logger
+	reg   registry.Registry // nil in lookup API mode
+	cache *registry.Cache
 	// Ready, if set, receives the bound address once listening.
 	Ready chan<- net.Addr
 }
 
-// NewDaemon builds a standalone socks5d reading routes from the lookup API.
-func NewDaemon(cfg DaemonConfig, log *slog.Logger) *Daemon {
-	return &Daemon{cfg: cfg, log: log, srv: New(cfg.Config, registry.NewAPIClient(cfg.LookupAPI, nil), log)}
+// NewDaemon builds a standalone socks5d reading routes from Redis through
+// a cache, or from a proxy server's lookup API.
+func NewDaemon(cfg DaemonConfig, log *slog.Logger) (*Daemon, error) {
+	d := &Daemon{cfg: cfg, log: log}
+	var routes registry.Reader
+	if cfg.LookupAPI != "" {
+		routes = registry.NewAPIClient(cfg.LookupAPI, nil)
+	} else {
+		reg, err := cfg.Registry.Open(log)
+		if err != nil {
+			return nil, err
+		}
+		d.reg = reg
+		d.cache = registry.NewCache(reg, cfg.Cache.Options())
+		routes = d.cache
+	}
+	d.srv = New(cfg.Config, routes, log)
+	return d, nil
 }
 
 // Run serves until ctx ends, then drains.
 func (d *Daemon) Run(ctx, hard context.Context) error {
+	if d.reg != nil {
+		defer d.reg.Close()
+	}
 	ln, err := net.Listen("tcp", d.cfg.Listen)
 	if err != nil {
 		return err
 	}
-	d.log.Info("socks5d started", "listen", ln.Addr().String(), "lookup_api", d.cfg.LookupAPI)
+	source := d.cfg.LookupAPI
+	if d.reg != nil {
+		source = "redis " + strings.Join(d.cfg.Registry.Redis.Addrs, ",")
+	}
+	d.log.Info("socks5d started", "listen", ln.Addr().String(), "routes", source)
 	if d.Ready != nil {
 		d.Ready <- ln.Addr()
 	}
 	done := make(chan struct{})
 	go func() { defer close(done); _ = d.srv.Serve(ln) }()
+	follow := make(chan struct{})
+	fctx, stopFollow := context.WithCancel(context.Background())
+	go func() {
+		defer close(follow)
+		if d.cache != nil {
+			d.cache.Follow(fctx, d.reg, d.log)
+		}
+	}()
 	<-ctx.Done()
 	d.srv.Shutdown(hard, d.cfg.DrainGrace)
 	<-done
+	stopFollow()
+	<-follow
 	d.log.Info("stopped")
 	return nil
 }

@@ -33,8 +33,13 @@ type Config struct {
 	Network string `yaml:"network"`
 	// HandshakeTimeout bounds greeting, auth and request. Default 10 s.
 	HandshakeTimeout time.Duration `yaml:"handshake_timeout"`
-	// ConnectTimeout bounds the relay connect and its status. Default 10 s.
+	// ConnectTimeout bounds the whole connect: lookups, relay connects
+	// and the target's status. Default 10 s.
 	ConnectTimeout time.Duration `yaml:"connect_timeout"`
+	// RelayDialTimeout bounds the TCP connect to a member's relay port: a
+	// member whose host is gone (no RST) fails within it, and the route is
+	// looked up once more. Default 2 s (one SYN retransmit).
+	RelayDialTimeout time.Duration `yaml:"relay_dial_timeout"`
 	// IdleTimeout closes connections idle this long. Default 1 h.
 	IdleTimeout time.Duration `yaml:"idle_timeout"`
 }
@@ -54,6 +59,7 @@ func (c *Config) Validate() error {
 	}
 	p.Duration(&c.HandshakeTimeout, 10*time.Second, "handshake_timeout")
 	p.Duration(&c.ConnectTimeout, 10*time.Second, "connect_timeout")
+	p.Duration(&c.RelayDialTimeout, 2*time.Second, "relay_dial_timeout")
 	p.Duration(&c.IdleTimeout, time.Hour, "idle_timeout")
 	return p.Err()
 }
@@ -260,10 +266,13 @@ func (s *Server) connect(ctx context.Context, w io.Writer, req *socks5.Request) 
 }
 
 // dial finds the route of key and connects through its member's relay
-// port. A stale or missing route there is looked up once more.
+// port. When the member cannot be reached or answers that the route is
+// stale or unknown there, the route is dropped from the cache and looked
+// up once more; a second, different route is tried.
 func (s *Server) dial(ctx context.Context, key registry.Key, client string) (net.Conn, tunnel.Status, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.ConnectTimeout)
 	defer cancel()
+	var failed registry.Route
 	var last tunnel.Status
 	var lastErr error
 	for attempt := 0; attempt < 2; attempt++ {
@@ -272,25 +281,43 @@ func (s *Server) dial(ctx context.Context, key registry.Key, client string) (net
 			if errors.Is(err, registry.ErrNotFound) {
 				return nil, tunnel.StatusNoRoute, err
 			}
+			if attempt > 0 {
+				break // the first route's failure is the better answer
+			}
 			return nil, tunnel.StatusUnreachable, err
 		}
-		c, st, err := Relay(ctx, route, client)
-		if st == tunnel.StatusStale || st == tunnel.StatusNoRoute {
-			last, lastErr = st, err
-			continue
+		if attempt > 0 && route == failed {
+			break // the store still names the route that just failed
 		}
-		return c, st, err
+		c, st, err := Relay(ctx, route, client, s.cfg.RelayDialTimeout)
+		if st == tunnel.StatusOK {
+			return c, st, nil
+		}
+		if !errors.Is(err, ErrMemberDown) && st != tunnel.StatusStale && st != tunnel.StatusNoRoute {
+			return nil, st, err
+		}
+		if inv, ok := s.routes.(interface {
+			Invalidate(registry.Key, registry.Route)
+		}); ok {
+			inv.Invalidate(key, route)
+		}
+		failed, last, lastErr = route, st, err
 	}
 	return nil, last, lastErr
 }
 
+// ErrMemberDown marks a relay connect that failed before the member
+// answered: the member (or its host) is gone, not the target.
+var ErrMemberDown = errors.New("proxy member unreachable")
+
 // Relay connects to a route's relay port, sends the preamble and reads
 // the status. On StatusOK the connection is ready for data.
-func Relay(ctx context.Context, route registry.Route, client string) (net.Conn, tunnel.Status, error) {
-	var d net.Dialer
+// dialTimeout bounds the TCP connect alone (0: only ctx).
+func Relay(ctx context.Context, route registry.Route, client string, dialTimeout time.Duration) (net.Conn, tunnel.Status, error) {
+	d := net.Dialer{Timeout: dialTimeout}
 	c, err := d.DialContext(ctx, "tcp", route.Relay.String())
 	if err != nil {
-		return nil, tunnel.StatusUnreachable, fmt.Errorf("relay %s: %w", route.Relay, err)
+		return nil, tunnel.StatusUnreachable, fmt.Errorf("relay %s: %w: %w", route.Relay, ErrMemberDown, err)
 	}
 	if dl, ok := ctx.Deadline(); ok {
 		_ = c.SetDeadline(dl)
@@ -299,12 +326,12 @@ func Relay(ctx context.Context, route registry.Route, client string) (net.Conn, 
 		Target: tunnel.Target{Network: route.Network, Addr: route.Addr}}
 	if _, err := c.Write(p.Append(nil)); err != nil {
 		c.Close()
-		return nil, tunnel.StatusUnreachable, fmt.Errorf("relay %s: %w", route.Relay, err)
+		return nil, tunnel.StatusUnreachable, fmt.Errorf("relay %s: %w: %w", route.Relay, ErrMemberDown, err)
 	}
 	st, err := tunnel.ReadStatus(c)
-	if err != nil {
+	if err != nil { // the member closed without a status: it died or was killed
 		c.Close()
-		return nil, tunnel.StatusUnreachable, fmt.Errorf("relay %s: %w", route.Relay, err)
+		return nil, tunnel.StatusUnreachable, fmt.Errorf("relay %s: %w: %w", route.Relay, ErrMemberDown, err)
 	}
 	if st != tunnel.StatusOK {
 		c.Close()

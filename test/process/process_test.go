@@ -9,7 +9,6 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"math/big"
 	"net"
@@ -23,12 +22,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vpcreach/vpcreach/internal/proctest"
 	"github.com/vpcreach/vpcreach/internal/testutil"
 )
 
 const (
-	// testVersion is stamped into the binaries the way the Makefile does.
-	testVersion = "process-test"
 	pageText    = "hello from the private target"
 	stopTimeout = 10 * time.Second
 )
@@ -41,7 +39,7 @@ func TestProcesses(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds and runs the real binaries; skipped with -short")
 	}
-	bin := buildBinaries(t)
+	bin := proctest.Build(t)
 
 	t.Run("DemoEndToEnd", func(t *testing.T) {
 		t.Parallel()
@@ -79,25 +77,25 @@ func testDemoEndToEnd(t *testing.T, bin string) {
 
 	// The agent first: it withdraws its route and exits; then the server
 	// (no agent left, so no grace period to wait out) and socks5d.
-	s.agent.terminate(t)
-	if code := s.agent.waitExit(t, stopTimeout); code != 0 {
+	s.agent.Terminate(t)
+	if code := s.agent.WaitExit(t, stopTimeout); code != 0 {
 		t.Fatalf("agent exited with code %d after SIGTERM, want 0", code)
 	}
-	if !s.agent.log.Contains("msg=draining") {
-		t.Errorf("agent log does not show it draining (msg=draining):\n%s", s.agent.log)
+	if !s.agent.Log.Contains("msg=draining") {
+		t.Errorf("agent log does not show it draining (msg=draining):\n%s", s.agent.Log)
 	}
-	if !s.proxyserver.log.Contains("agent withdrew its routes") {
-		t.Errorf("proxyserver log does not show the agent's withdrawal:\n%s", s.proxyserver.log)
+	if !s.proxyserver.Log.Contains("agent withdrew its routes") {
+		t.Errorf("proxyserver log does not show the agent's withdrawal:\n%s", s.proxyserver.Log)
 	}
 	testutil.Eventually(t, 10*time.Second, "route withdrawn from the lookup API", func() bool {
 		rs, err := s.routes()
 		return err == nil && len(rs) == 0
 	})
 
-	for _, p := range []*proc{s.proxyserver, s.socks5d} {
-		p.terminate(t)
-		if code := p.waitExit(t, stopTimeout); code != 0 {
-			t.Fatalf("%s exited with code %d after SIGTERM, want 0", p.name, code)
+	for _, p := range []*proctest.Proc{s.proxyserver, s.socks5d} {
+		p.Terminate(t)
+		if code := p.WaitExit(t, stopTimeout); code != 0 {
+			t.Fatalf("%s exited with code %d after SIGTERM, want 0", p.Name, code)
 		}
 	}
 }
@@ -110,16 +108,16 @@ func testFlagsAndReload(t *testing.T, bin string) {
 	token := randomToken(t)
 
 	for _, name := range daemons {
-		stdout, stderr, code := runOnce(t, token, filepath.Join(bin, name), "-version")
+		stdout, stderr, code := proctest.Run(t, token, filepath.Join(bin, name), "-version")
 		if code != 0 {
 			t.Errorf("%s -version: exit code %d, stderr:\n%s", name, code, stderr)
 		}
-		if want := name + " " + testVersion; strings.TrimSpace(stdout) != want {
+		if want := name + " " + proctest.Version; strings.TrimSpace(stdout) != want {
 			t.Errorf("%s -version printed %q, want %q", name, stdout, want)
 		}
 
 		cfg := filepath.Join(cfgDir, name+".yaml")
-		stdout, stderr, code = runOnce(t, token, filepath.Join(bin, name), "-check-config", "-config", cfg)
+		stdout, stderr, code = proctest.Run(t, token, filepath.Join(bin, name), "-check-config", "-config", cfg)
 		if code != 0 || !strings.Contains(stdout, "configuration OK") {
 			t.Errorf("%s -check-config %s: exit code %d, stdout %q, stderr:\n%s", name, cfg, code, stdout, stderr)
 		}
@@ -132,7 +130,7 @@ func testFlagsAndReload(t *testing.T, bin string) {
 		if err := os.WriteFile(bad, append(data, []byte("\nbogus_key: 1\n")...), 0o600); err != nil {
 			t.Fatal(err)
 		}
-		stdout, stderr, code = runOnce(t, token, filepath.Join(bin, name), "-check-config", "-config", bad)
+		stdout, stderr, code = proctest.Run(t, token, filepath.Join(bin, name), "-check-config", "-config", bad)
 		if code == 0 {
 			t.Errorf("%s -check-config with an unknown key exited 0; stdout %q", name, stdout)
 		}
@@ -146,59 +144,19 @@ func testFlagsAndReload(t *testing.T, bin string) {
 	if out := curlSOCKS(t, ports.socks, ports.target); !strings.Contains(out, pageText) {
 		t.Fatalf("curl through socks5d before SIGHUP: %s", out)
 	}
-	if err := s.proxyserver.cmd.Process.Signal(syscall.SIGHUP); err != nil {
-		t.Fatal(err)
-	}
+	s.proxyserver.Signal(t, syscall.SIGHUP)
 	testutil.Eventually(t, 5*time.Second, "proxyserver logs the SIGHUP", func() bool {
-		return s.proxyserver.log.Contains("SIGHUP")
+		return s.proxyserver.Log.Contains("SIGHUP")
 	})
-	if s.proxyserver.exited() {
-		t.Fatalf("proxyserver exited after SIGHUP: %v", s.proxyserver.err)
+	if s.proxyserver.Exited() {
+		t.Fatalf("proxyserver exited after SIGHUP: %v", s.proxyserver.Err())
 	}
 	s.waitRoute(t)
 	if out := curlSOCKS(t, ports.socks, ports.target); !strings.Contains(out, pageText) {
 		t.Fatalf("curl through socks5d after SIGHUP: %s", out)
 	}
-	if s.proxyserver.exited() {
-		t.Fatalf("proxyserver exited after SIGHUP: %v", s.proxyserver.err)
-	}
-}
-
-// --- building -------------------------------------------------------------
-
-// buildBinaries builds the three daemons and the demo target into a temp
-// dir and returns it.
-func buildBinaries(t *testing.T) string {
-	t.Helper()
-	dir := t.TempDir()
-	start := time.Now()
-	cmd := exec.Command("go", "build", "-buildvcs=false",
-		"-ldflags", "-X github.com/vpcreach/vpcreach/internal/cli.Version="+testVersion,
-		"-o", dir+string(filepath.Separator),
-		"./cmd/agent", "./cmd/proxyserver", "./cmd/socks5d", "./internal/demo/httptarget")
-	cmd.Dir = moduleRoot(t)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
-	t.Logf("built binaries in %v", time.Since(start).Round(time.Millisecond))
-	return dir
-}
-
-func moduleRoot(t *testing.T) string {
-	t.Helper()
-	dir, err := os.Getwd()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return dir
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			t.Fatal("go.mod not found above the test directory")
-		}
-		dir = parent
+	if s.proxyserver.Exited() {
+		t.Fatalf("proxyserver exited after SIGHUP: %v", s.proxyserver.Err())
 	}
 }
 
@@ -248,7 +206,7 @@ func pickPorts(t *testing.T) ports {
 // port replaced by one of p's, and returns the dir.
 func writeConfigs(t *testing.T, p ports) string {
 	t.Helper()
-	src := filepath.Join(moduleRoot(t), "configs", "demo")
+	src := filepath.Join(proctest.ModuleRoot(t), "configs", "demo")
 	pairs := []string{
 		"21000-21099", fmt.Sprintf("%d-%d", p.rangeLo, p.rangeHi),
 		"17000", strconv.Itoa(p.control),
@@ -288,129 +246,11 @@ func randomToken(t *testing.T) string {
 	return hex.EncodeToString(b)
 }
 
-// childEnv is the environment of every child process: ours without proxy
-// settings (which could route curl around the SOCKS proxy), plus the token.
-func childEnv(token string) []string {
-	var env []string
-	for _, kv := range os.Environ() {
-		k, _, _ := strings.Cut(kv, "=")
-		if strings.HasSuffix(strings.ToLower(k), "_proxy") || k == "VPCREACH_TOKEN" {
-			continue
-		}
-		env = append(env, kv)
-	}
-	return append(env, "VPCREACH_TOKEN="+token)
-}
-
-// --- processes ------------------------------------------------------------
-
-type proc struct {
-	name string
-	cmd  *exec.Cmd
-	log  *testutil.LogBuffer // stdout and stderr
-	done chan struct{}
-	err  error // Wait's result, valid once done is closed
-}
-
-// startProc starts a process that is killed (if still running) when t
-// ends; its output is logged if t failed.
-func startProc(t *testing.T, token, name, path string, args ...string) *proc {
-	t.Helper()
-	p := &proc{name: name, log: &testutil.LogBuffer{}, done: make(chan struct{})}
-	p.cmd = exec.CommandContext(t.Context(), path, args...)
-	p.cmd.Env = childEnv(token)
-	p.cmd.Stdout = p.log
-	p.cmd.Stderr = p.log
-	p.cmd.WaitDelay = 5 * time.Second
-	if err := p.cmd.Start(); err != nil {
-		t.Fatalf("start %s: %v", name, err)
-	}
-	go func() {
-		p.err = p.cmd.Wait()
-		close(p.done)
-	}()
-	t.Cleanup(func() {
-		if !p.exited() {
-			_ = p.cmd.Process.Kill()
-		}
-		select {
-		case <-p.done:
-		case <-time.After(10 * time.Second):
-			t.Errorf("%s (pid %d) did not exit after SIGKILL", name, p.cmd.Process.Pid)
-		}
-		if t.Failed() {
-			t.Logf("----- %s output -----\n%s", name, p.log)
-		}
-	})
-	return p
-}
-
-func (p *proc) exited() bool {
-	select {
-	case <-p.done:
-		return true
-	default:
-		return false
-	}
-}
-
-func (p *proc) terminate(t *testing.T) {
-	t.Helper()
-	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		t.Fatalf("SIGTERM %s: %v", p.name, err)
-	}
-}
-
-// waitExit waits for p to exit and returns its exit code; it fails the
-// test if p takes longer than timeout or was killed by a signal.
-func (p *proc) waitExit(t *testing.T, timeout time.Duration) int {
-	t.Helper()
-	select {
-	case <-p.done:
-	case <-time.After(timeout):
-		t.Fatalf("%s did not exit within %v of SIGTERM", p.name, timeout)
-	}
-	var ee *exec.ExitError
-	switch {
-	case p.err == nil:
-		return 0
-	case errors.As(p.err, &ee):
-		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-			t.Fatalf("%s was killed by %v", p.name, ws.Signal())
-		}
-		return ee.ExitCode()
-	default:
-		t.Fatalf("%s: %v", p.name, p.err)
-		return -1
-	}
-}
-
-// runOnce runs a binary to completion and returns its output and exit code.
-func runOnce(t *testing.T, token, path string, args ...string) (stdout, stderr string, code int) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, path, args...)
-	cmd.Env = childEnv(token)
-	var out, errb strings.Builder
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	err := cmd.Run()
-	var ee *exec.ExitError
-	switch {
-	case err == nil:
-	case errors.As(err, &ee) && ee.ExitCode() >= 0:
-		code = ee.ExitCode()
-	default:
-		t.Fatalf("%s %s: %v", filepath.Base(path), strings.Join(args, " "), err)
-	}
-	return out.String(), errb.String(), code
-}
-
 // --- the demo stack -------------------------------------------------------
 
 type stack struct {
 	ports                                   ports
-	httptarget, proxyserver, agent, socks5d *proc
+	httptarget, proxyserver, agent, socks5d *proctest.Proc
 	api                                     *http.Client
 }
 
@@ -429,19 +269,19 @@ func startStackWith(t *testing.T, bin string, p ports, cfgDir, token string) *st
 		Transport: &http.Transport{Proxy: nil, DisableKeepAlives: true},
 	}}
 	cfg := func(name string) string { return filepath.Join(cfgDir, name+".yaml") }
-	s.httptarget = startProc(t, token, "httptarget", filepath.Join(bin, "httptarget"),
+	s.httptarget = proctest.Start(t, token, "httptarget", filepath.Join(bin, "httptarget"),
 		"-listen", net.JoinHostPort("127.0.0.1", strconv.Itoa(p.target)))
-	s.proxyserver = startProc(t, token, "proxyserver", filepath.Join(bin, "proxyserver"), "-config", cfg("proxyserver"))
-	s.agent = startProc(t, token, "agent", filepath.Join(bin, "agent"), "-config", cfg("agent"))
-	s.socks5d = startProc(t, token, "socks5d", filepath.Join(bin, "socks5d"), "-config", cfg("socks5d"))
+	s.proxyserver = proctest.Start(t, token, "proxyserver", filepath.Join(bin, "proxyserver"), "-config", cfg("proxyserver"))
+	s.agent = proctest.Start(t, token, "agent", filepath.Join(bin, "agent"), "-config", cfg("agent"))
+	s.socks5d = proctest.Start(t, token, "socks5d", filepath.Join(bin, "socks5d"), "-config", cfg("socks5d"))
 
 	for _, l := range []struct {
-		p    *proc
+		p    *proctest.Proc
 		port int
 	}{{s.httptarget, p.target}, {s.proxyserver, p.api}, {s.socks5d, p.socks}} {
-		testutil.Eventually(t, 10*time.Second, fmt.Sprintf("%s listening on port %d", l.p.name, l.port), func() bool {
-			if l.p.exited() {
-				t.Fatalf("%s exited during startup: %v", l.p.name, l.p.err)
+		testutil.Eventually(t, 10*time.Second, fmt.Sprintf("%s listening on port %d", l.p.Name, l.port), func() bool {
+			if l.p.Exited() {
+				t.Fatalf("%s exited during startup: %v", l.p.Name, l.p.Err())
 			}
 			c, err := net.DialTimeout("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(l.port)), time.Second)
 			if err != nil {
@@ -485,9 +325,9 @@ func (s *stack) waitRoute(t *testing.T) apiRoute {
 	want := net.JoinHostPort("127.0.0.1", strconv.Itoa(s.ports.target))
 	var found apiRoute
 	testutil.Eventually(t, 10*time.Second, "the lookup API lists the route to "+want, func() bool {
-		for _, p := range []*proc{s.proxyserver, s.agent, s.socks5d} {
-			if p.exited() {
-				t.Fatalf("%s exited: %v", p.name, p.err)
+		for _, p := range []*proctest.Proc{s.proxyserver, s.agent, s.socks5d} {
+			if p.Exited() {
+				t.Fatalf("%s exited: %v", p.Name, p.Err())
 			}
 		}
 		rs, err := s.routes()
@@ -551,7 +391,7 @@ func runCurl(t *testing.T, args ...string) string {
 	defer cancel()
 	args = append([]string{"-sS", "--max-time", "10"}, args...)
 	cmd := exec.CommandContext(ctx, curl, args...)
-	cmd.Env = childEnv("")
+	cmd.Env = proctest.Env("")
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		t.Fatalf("curl %s: %v\n%s", strings.Join(args, " "), err, out)
