@@ -6,6 +6,7 @@ package proctest
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -26,32 +27,52 @@ func Build(t testing.TB) string {
 	t.Helper()
 	dir := t.TempDir()
 	start := time.Now()
-	cmd := exec.Command("go", "build", "-buildvcs=false",
-		"-ldflags", "-X github.com/vpcreach/vpcreach/internal/cli.Version="+Version,
-		"-o", dir+string(filepath.Separator),
-		"./cmd/agent", "./cmd/proxyserver", "./cmd/socks5d", "./internal/demo/httptarget")
-	cmd.Dir = ModuleRoot(t)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
+	if err := BuildDir(dir); err != nil {
+		t.Fatal(err)
 	}
 	t.Logf("built binaries in %v", time.Since(start).Round(time.Millisecond))
 	return dir
 }
 
+// BuildDir builds the binaries into dir (for a TestMain that builds once).
+func BuildDir(dir string) error {
+	root, err := findModuleRoot()
+	if err != nil {
+		return err
+	}
+	cmd := exec.Command("go", "build", "-buildvcs=false",
+		"-ldflags", "-X github.com/vpcreach/vpcreach/internal/cli.Version="+Version,
+		"-o", dir+string(filepath.Separator),
+		"./cmd/agent", "./cmd/proxyserver", "./cmd/socks5d", "./internal/demo/httptarget")
+	cmd.Dir = root
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("go build: %v\n%s", err, out)
+	}
+	return nil
+}
+
 // ModuleRoot is the directory holding go.mod.
 func ModuleRoot(t testing.TB) string {
 	t.Helper()
-	dir, err := os.Getwd()
+	dir, err := findModuleRoot()
 	if err != nil {
 		t.Fatal(err)
 	}
+	return dir
+}
+
+func findModuleRoot() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
 	for {
 		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return dir
+			return dir, nil
 		}
 		parent := filepath.Dir(dir)
 		if parent == dir {
-			t.Fatal("go.mod not found above the test directory")
+			return "", errors.New("go.mod not found above the test directory")
 		}
 		dir = parent
 	}

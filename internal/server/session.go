@@ -3,6 +3,7 @@ package server
 import (
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"strconv"
@@ -52,6 +53,11 @@ func (s *Server) handleTunnel(conn net.Conn) {
 	remote := conn.RemoteAddr().String()
 	if len(s.cfg.balancers) > 0 {
 		ap, local, err := proxyproto.Accept(conn, s.cfg.balancers, s.cfg.Tunnel.HelloTimeout)
+		if errors.Is(err, io.EOF) { // closed before a byte: a plain TCP check
+			s.log.Debug("balancer connection closed before its PROXY header", "balancer", remote)
+			conn.Close()
+			return
+		}
 		if err != nil {
 			s.Stats.Refusals.Add(1)
 			s.log.Warn("tunnel refused: bad PROXY protocol header from a balancer", "balancer", remote, "err", err)
@@ -429,6 +435,11 @@ func (s *Server) handleRelay(c net.Conn) {
 		_ = c.SetWriteDeadline(time.Now().Add(time.Second))
 		_, _ = c.Write([]byte{byte(st)})
 		c.Close()
+	}
+	if err == io.EOF { // closed before a byte: a port check, not a client
+		s.log.Debug("relay connection closed before its preamble", "client", c.RemoteAddr().String())
+		c.Close()
+		return
 	}
 	if err != nil {
 		answer(tunnel.StatusBadHeader, "bad relay preamble", "err", err)

@@ -167,7 +167,12 @@ func (s *Server) ServeConn(c net.Conn) {
 	}()
 	netx.KeepAlive(c, 30*time.Second, 10*time.Second, 3)
 	_ = c.SetDeadline(time.Now().Add(s.cfg.HandshakeTimeout))
-	if err := s.s5.ServeConn(c); err != nil && !errors.Is(err, errHandled) {
+	switch err := s.s5.ServeConn(c); {
+	case err == nil, errors.Is(err, errHandled):
+	case errors.Is(err, io.EOF) && !errors.Is(err, io.ErrUnexpectedEOF):
+		// Closed before a greeting: a port check, not a client.
+		s.log.Debug("socks5 connection closed before its greeting", "client", c.RemoteAddr().String())
+	default:
 		s.log.Info("socks5 request failed", "client", c.RemoteAddr().String(), "err", err)
 	}
 }
