@@ -46,6 +46,10 @@ type route struct {
 	sess   *agentSession
 	info   registry.Route
 	served bool // accept loop started; guarded by Server.mu
+	// ready is closed when served is set: the relay waits on it for a
+	// route whose record is in the registry while its session finishes
+	// the handshake.
+	ready chan struct{}
 }
 
 // handleTunnel runs one agent connection from the hello to its end.
@@ -255,26 +259,14 @@ func (s *Server) claimOne(as *agentSession, t tunnel.Target) (*route, error) {
 	if err != nil {
 		return nil, err
 	}
-	r := &route{key: key, target: t, port: port, ln: ln, sess: as, info: registry.Route{
+	r := &route{key: key, target: t, port: port, ln: ln, sess: as, ready: make(chan struct{}), info: registry.Route{
 		Key:   key,
 		Proxy: netip.AddrPortFrom(s.cfg.advertise, uint16(port)), Relay: s.relayAP,
 		Agent: as.agent, Identity: as.identity, Server: s.cfg.ServerID, Session: as.id,
 		Generation: as.gen, Registered: time.Now().UTC(),
 	}}
-	ctx, cancel := s.regCtx()
-	err = s.reg.Register(ctx, r.info, s.cfg.Lease)
-	cancel()
-	if errors.Is(err, registry.ErrStale) || errors.Is(err, registry.ErrOwned) {
-		ln.Close()
-		s.ports.Release(port)
-		return nil, err
-	}
-	if err != nil {
-		// The registry is down: serve the route on this member anyway;
-		// the renewal loop registers it when the registry is back.
-		s.Stats.RegistryErrors.Add(1)
-		s.log.Warn("route registration failed; serving locally, will retry", "target", key.String(), "err", err)
-	}
+	// The route is this member's before its record is written, so that a
+	// relay request that follows the record finds it.
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -284,6 +276,19 @@ func (s *Server) claimOne(as *agentSession, t tunnel.Target) (*route, error) {
 	s.routes[key] = r
 	as.routes[key] = r
 	s.mu.Unlock()
+	ctx, cancel := s.regCtx()
+	err = s.reg.Register(ctx, r.info, s.cfg.Lease)
+	cancel()
+	if errors.Is(err, registry.ErrStale) || errors.Is(err, registry.ErrOwned) {
+		s.removeRoute(r, false)
+		return nil, err
+	}
+	if err != nil {
+		// The registry is down: serve the route on this member anyway;
+		// the renewal loop registers it when the registry is back.
+		s.Stats.RegistryErrors.Add(1)
+		s.log.Warn("route registration failed; serving locally, will retry", "target", key.String(), "err", err)
+	}
 	return r, nil
 }
 
@@ -318,6 +323,7 @@ func (s *Server) serveRoutes(as *agentSession) {
 			continue
 		}
 		r.served = true
+		close(r.ready)
 		s.goServe("proxy "+r.key.String(), r.ln, func(c net.Conn) { s.handleProxyConn(r, c) })
 	}
 }
@@ -421,6 +427,32 @@ func (s *Server) handleProxyConn(r *route, c net.Conn) {
 // relayPreambleTimeout bounds the read of a relay preamble.
 const relayPreambleTimeout = 5 * time.Second
 
+// servedRoute returns key's route once it is served. A route whose
+// session is still in its handshake may already be in the registry (and so
+// in a socks5d cache): wait for it, within the status timeout.
+func (s *Server) servedRoute(key registry.Key) *route {
+	s.mu.Lock()
+	r := s.routes[key]
+	served := r != nil && r.served
+	s.mu.Unlock()
+	if r == nil || served {
+		return r
+	}
+	t := time.NewTimer(s.cfg.StatusTimeout)
+	defer t.Stop()
+	select {
+	case <-r.ready:
+	case <-t.C:
+	case <-s.ctx.Done():
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.routes[key] == r && r.served {
+		return r
+	}
+	return nil
+}
+
 // handleRelay serves one connection on the relay port: preamble, route and
 // generation check, stream, status, data.
 func (s *Server) handleRelay(c net.Conn) {
@@ -446,12 +478,7 @@ func (s *Server) handleRelay(c net.Conn) {
 		return
 	}
 	key := registry.Key{Network: p.Target.Network, Addr: p.Target.Addr}
-	s.mu.Lock()
-	r := s.routes[key]
-	if r != nil && !r.served { // its session is still in the handshake
-		r = nil
-	}
-	s.mu.Unlock()
+	r := s.servedRoute(key)
 	switch {
 	case r == nil:
 		answer(tunnel.StatusNoRoute, "relay: no route on this member", "target", key.String())

@@ -3,13 +3,15 @@
 // mode with send-proxy-v2 (rendered from configs/haproxy/haproxy.cfg), an
 // agent dialling the VIP, and socks5d reading routes from Redis. Each
 // fault test builds its own cluster on loopback addresses of its own
-// (127.0.<n>.1-3 for the members) and asserts its bound; the daemons are
+// (127.0.<n>.1-3 for the members; proxy ports 21000-21099 on each,
+// below the ephemeral range that free ports come from) and asserts its bound; the daemons are
 // built without -race, so the bounds hold under `go test -race` too.
 package cluster
 
 import (
 	"bufio"
 	"encoding/binary"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -20,6 +22,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -113,7 +116,7 @@ control: %s
 advertise: %s
 relay_port: %d
 api: %s
-port_range: 41000-41099
+port_range: 21000-21099
 proxy_protocol_from: [127.0.0.1]
 token: {env: VPCREACH_TOKEN}
 registry:
@@ -135,7 +138,7 @@ registry:
 log: {level: debug}
 `, c.socks, c.redis.Addr))
 	c.socks5d = proctest.Start(t, c.token, "socks5d", filepath.Join(c.bin, "socks5d"), "-config", scfg)
-	waitListening(t, c.socks)
+	waitListening(t, c.socks5d, c.socks)
 	return c
 }
 
@@ -151,8 +154,8 @@ func (c *cluster) write(name, content string) string {
 func (c *cluster) startMember(m *member) {
 	c.t.Helper()
 	m.proc = proctest.Start(c.t, c.token, m.id, filepath.Join(c.bin, "proxyserver"), "-config", m.cfg)
-	waitListening(c.t, m.controlAddr())
-	waitListening(c.t, m.relayAddr())
+	waitListening(c.t, m.proc, m.controlAddr())
+	waitListening(c.t, m.proc, m.relayAddr())
 }
 
 // startHAProxy renders configs/haproxy/haproxy.cfg for this cluster: the
@@ -184,7 +187,7 @@ func (c *cluster) startHAProxy() {
 	cfg = block.ReplaceAllLiteralString(cfg, servers.String()+"    # END members")
 	path := c.write("haproxy.cfg", cfg)
 	c.haproxy = proctest.Start(t, c.token, "haproxy", testutil.NeedBinary(t, "haproxy"), "-db", "-f", path)
-	waitListening(t, c.vip)
+	waitListening(t, c.haproxy, c.vip)
 }
 
 // startAgent starts an agent process dialling the VIP and exposing the
@@ -321,9 +324,13 @@ func startTarget(t *testing.T) string {
 	return ln.Addr().String()
 }
 
-func waitListening(t *testing.T, addr string) {
+// waitListening waits until p listens on addr; p exiting fails at once.
+func waitListening(t *testing.T, p *proctest.Proc, addr string) {
 	t.Helper()
 	testutil.Eventually(t, 10*time.Second, addr+" listening", func() bool {
+		if p.Exited() {
+			t.Fatalf("%s exited before listening on %s:\n%s", p.Name, addr, p.Log)
+		}
 		c, err := net.DialTimeout("tcp", addr, time.Second)
 		if err != nil {
 			return false
@@ -336,4 +343,207 @@ func waitListening(t *testing.T, addr string) {
 func randomToken(t *testing.T) string {
 	t.Helper()
 	return fmt.Sprintf("cluster-test-token-%d-%d", time.Now().UnixNano(), octets.Load())
+}
+
+// stream opens GET /stream through socks5d and reads it in the background,
+// recording the longest gap between two reads, until the test ends or
+// close is called.
+type stream struct {
+	conn   net.Conn
+	mu     sync.Mutex
+	last   time.Time
+	maxGap time.Duration
+	bytes  int64
+	err    error
+	done   chan struct{}
+}
+
+func (c *cluster) openStream() *stream {
+	c.t.Helper()
+	conn, err := net.DialTimeout("tcp", c.socks, 2*time.Second)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	ap := netip.MustParseAddrPort(c.target)
+	a4 := ap.Addr().As4()
+	req := append([]byte{5, 1, 0, 5, 1, 0, 1}, a4[:]...)
+	req = binary.BigEndian.AppendUint16(req, ap.Port())
+	var rep [12]byte
+	if _, err := conn.Write(req); err != nil {
+		c.t.Fatal(err)
+	}
+	if _, err := io.ReadFull(conn, rep[:]); err != nil || rep[3] != 0 {
+		c.t.Fatalf("stream CONNECT: reply %v, %v", rep, err)
+	}
+	io.WriteString(conn, "GET /stream HTTP/1.0\r\n\r\n")
+	s := &stream{conn: conn, last: time.Now(), done: make(chan struct{})}
+	go func() {
+		defer close(s.done)
+		buf := make([]byte, 4096)
+		for {
+			n, err := conn.Read(buf)
+			now := time.Now()
+			s.mu.Lock()
+			if n > 0 {
+				s.maxGap = max(s.maxGap, now.Sub(s.last))
+				s.last = now
+				s.bytes += int64(n)
+			}
+			if err != nil {
+				s.err = err
+				s.mu.Unlock()
+				return
+			}
+			s.mu.Unlock()
+		}
+	}()
+	c.t.Cleanup(s.close)
+	return s
+}
+
+// state returns the longest gap so far (counting the current one), the
+// bytes read and the error that ended the stream, if any.
+func (s *stream) state() (time.Duration, int64, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	gap := s.maxGap
+	if s.err == nil {
+		gap = max(gap, time.Since(s.last))
+	}
+	return gap, s.bytes, s.err
+}
+
+func (s *stream) close() {
+	s.conn.Close()
+	<-s.done
+}
+
+// agentInfo is one entry of a member's /v1/agents.
+type agentInfo struct {
+	Agent   string   `json:"agent"`
+	Session string   `json:"session"`
+	Remote  string   `json:"remote"`
+	Routes  []string `json:"routes"`
+}
+
+// agents lists a member's live agent sessions through its API.
+func (c *cluster) agentsOn(m *member) ([]agentInfo, error) {
+	resp, err := http.Get("http://" + netip.AddrPortFrom(m.ip, uint16(m.api)).String() + "/v1/agents")
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	var out []agentInfo
+	return out, json.NewDecoder(resp.Body).Decode(&out)
+}
+
+// blackhole is a TCP relay that can go silent: while cut it forwards
+// nothing either way and sends no FIN or RST, like a network that drops
+// every packet; restore closes what it held and forwards again.
+type blackhole struct {
+	ln    net.Listener
+	to    string
+	mu    sync.Mutex
+	cut   bool
+	conns map[net.Conn]struct{}
+	wg    sync.WaitGroup
+}
+
+func newBlackhole(t *testing.T, to string) *blackhole {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := &blackhole{ln: ln, to: to, conns: map[net.Conn]struct{}{}}
+	b.wg.Add(1)
+	go func() {
+		defer b.wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			b.wg.Add(1)
+			go func() { defer b.wg.Done(); b.serve(c) }()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		b.closeAll()
+		b.wg.Wait()
+	})
+	return b
+}
+
+func (b *blackhole) Addr() string { return b.ln.Addr().String() }
+
+func (b *blackhole) track(c net.Conn) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.conns[c] = struct{}{}
+	return !b.cut
+}
+
+func (b *blackhole) closeAll() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for c := range b.conns {
+		c.Close()
+	}
+	clear(b.conns)
+}
+
+func (b *blackhole) serve(c net.Conn) {
+	if !b.track(c) {
+		return // held silently until restore or cleanup closes it
+	}
+	up, err := net.Dial("tcp", b.to)
+	if err != nil {
+		c.Close()
+		return
+	}
+	if !b.track(up) {
+		return
+	}
+	pipe := func(dst, src net.Conn) {
+		buf := make([]byte, 32<<10)
+		for {
+			n, err := src.Read(buf)
+			b.mu.Lock()
+			cut := b.cut
+			b.mu.Unlock()
+			if cut {
+				return // drop: the bytes vanish, nothing is closed
+			}
+			if n > 0 {
+				if _, werr := dst.Write(buf[:n]); werr != nil {
+					return
+				}
+			}
+			if err != nil {
+				dst.Close()
+				src.Close()
+				return
+			}
+		}
+	}
+	b.wg.Add(1)
+	go func() { defer b.wg.Done(); pipe(up, c) }()
+	pipe(c, up)
+}
+
+// Cut makes the link silent.
+func (b *blackhole) Cut() {
+	b.mu.Lock()
+	b.cut = true
+	b.mu.Unlock()
+}
+
+// Restore closes what the silent link held and forwards new connections.
+func (b *blackhole) Restore() {
+	b.closeAll()
+	b.mu.Lock()
+	b.cut = false
+	b.mu.Unlock()
 }
