@@ -19,7 +19,7 @@ import (
 // events channel) on a shared server: an empty registry of its own.
 var prefixes atomic.Int64
 
-func openRedis(t *testing.T, o registry.RedisOptions) *registry.Redis {
+func openRedis(t testing.TB, o registry.RedisOptions) *registry.Redis {
 	t.Helper()
 	if o.Prefix == "" {
 		o.Prefix = fmt.Sprintf("vpctest%d:", prefixes.Add(1))

@@ -93,7 +93,7 @@ func (l *loop) count(t0 time.Time) (oks, connectFails, lost int, lostErrs []stri
 }
 
 // waitOKs waits until the loop has n more good requests.
-func (l *loop) waitOKs(t *testing.T, n int, timeout time.Duration) {
+func (l *loop) waitOKs(t testing.TB, n int, timeout time.Duration) {
 	t.Helper()
 	from := time.Now()
 	testutil.Eventually(t, timeout, fmt.Sprintf("%d good requests through socks5d", n), func() bool {

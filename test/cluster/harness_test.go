@@ -79,7 +79,7 @@ func (m *member) controlAddr() string { return netip.AddrPortFrom(m.ip, uint16(m
 func (m *member) relayAddr() string   { return netip.AddrPortFrom(m.ip, uint16(m.relay)).String() }
 
 type cluster struct {
-	t        *testing.T
+	t        testing.TB
 	bin, dir string
 	token    string
 	redis    *redistest.Server
@@ -95,7 +95,7 @@ type cluster struct {
 
 // newCluster starts Redis, the target, three members, haproxy and socks5d
 // (the agent is started by the test with startAgent).
-func newCluster(t *testing.T) *cluster {
+func newCluster(t testing.TB) *cluster {
 	t.Helper()
 	testutil.NeedBinary(t, "haproxy")
 	c := &cluster{t: t, bin: binDir, dir: t.TempDir(), token: randomToken(t)}
@@ -294,7 +294,7 @@ func (c *cluster) get() (outcome, error) {
 
 // startTarget serves the private HTTP service: "/" answers pageText,
 // "/stream" sends a line every 10 ms for as long as the client reads.
-func startTarget(t *testing.T) string {
+func startTarget(t testing.TB) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -325,7 +325,7 @@ func startTarget(t *testing.T) string {
 }
 
 // waitListening waits until p listens on addr; p exiting fails at once.
-func waitListening(t *testing.T, p *proctest.Proc, addr string) {
+func waitListening(t testing.TB, p *proctest.Proc, addr string) {
 	t.Helper()
 	testutil.Eventually(t, 10*time.Second, addr+" listening", func() bool {
 		if p.Exited() {
@@ -340,7 +340,7 @@ func waitListening(t *testing.T, p *proctest.Proc, addr string) {
 	})
 }
 
-func randomToken(t *testing.T) string {
+func randomToken(t testing.TB) string {
 	t.Helper()
 	return fmt.Sprintf("cluster-test-token-%d-%d", time.Now().UnixNano(), octets.Load())
 }
@@ -449,7 +449,7 @@ type blackhole struct {
 	wg    sync.WaitGroup
 }
 
-func newBlackhole(t *testing.T, to string) *blackhole {
+func newBlackhole(t testing.TB, to string) *blackhole {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
