@@ -114,6 +114,16 @@ func TestClusterServesThroughVIP(t *testing.T) {
 	if out, err := c.get(); out != ok {
 		t.Fatalf("request through socks5d: %v", err)
 	}
+	// Any number of socks5d instances read the same routes side by side.
+	c2 := *c
+	c2.socks, _ = c.startSocks("socks5d-2")
+	for range 3 {
+		for _, cc := range []*cluster{c, &c2} {
+			if out, err := cc.get(); out != ok {
+				t.Fatalf("request through %s: %v", cc.socks, err)
+			}
+		}
+	}
 	// The member saw the agent's real address through the PROXY header,
 	// not haproxy's connection.
 	testutil.Eventually(t, 5*time.Second, "the member logs the agent's real address", func() bool {

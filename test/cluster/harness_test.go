@@ -129,16 +129,7 @@ log: {level: debug}
 		c.startMember(m)
 	}
 	c.startHAProxy()
-	sp := testutil.FreePort(t)
-	c.socks = "127.0.0.1:" + strconv.Itoa(sp)
-	scfg := c.write("socks5d.yaml", fmt.Sprintf(`listen: %s
-registry:
-  type: redis
-  redis: {addrs: [%s]}
-log: {level: debug}
-`, c.socks, c.redis.Addr))
-	c.socks5d = proctest.Start(t, c.token, "socks5d", filepath.Join(c.bin, "socks5d"), "-config", scfg)
-	waitListening(t, c.socks5d, c.socks)
+	c.socks, c.socks5d = c.startSocks("socks5d")
 	return c
 }
 
@@ -148,6 +139,22 @@ func (c *cluster) write(name, content string) string {
 		c.t.Fatal(err)
 	}
 	return p
+}
+
+// startSocks starts a socks5d reading routes from the cluster's Redis and
+// returns its address.
+func (c *cluster) startSocks(name string) (string, *proctest.Proc) {
+	c.t.Helper()
+	addr := "127.0.0.1:" + strconv.Itoa(testutil.FreePort(c.t))
+	cfg := c.write(name+".yaml", fmt.Sprintf(`listen: %s
+registry:
+  type: redis
+  redis: {addrs: [%s]}
+log: {level: debug}
+`, addr, c.redis.Addr))
+	p := proctest.Start(c.t, c.token, name, filepath.Join(c.bin, "socks5d"), "-config", cfg)
+	waitListening(c.t, p, addr)
+	return addr, p
 }
 
 // startMember (re)starts a member's process and waits for its listeners.

@@ -49,6 +49,35 @@ func TestProcesses(t *testing.T) {
 		t.Parallel()
 		testFlagsAndReload(t, bin)
 	})
+	t.Run("ExampleConfigs", func(t *testing.T) {
+		t.Parallel()
+		testExampleConfigs(t, bin)
+	})
+}
+
+// testExampleConfigs: the annotated production examples in configs/ pass
+// -check-config (with the token file pointed at a real one).
+func testExampleConfigs(t *testing.T, bin string) {
+	token := randomToken(t)
+	tokFile := filepath.Join(t.TempDir(), "token")
+	if err := os.WriteFile(tokFile, []byte(token), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range daemons {
+		data, err := os.ReadFile(filepath.Join(proctest.ModuleRoot(t), "configs", name+".yaml"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg := filepath.Join(t.TempDir(), name+".yaml")
+		patched := strings.ReplaceAll(string(data), "/etc/vpcreach/token", tokFile)
+		if err := os.WriteFile(cfg, []byte(patched), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		stdout, stderr, code := proctest.Run(t, token, filepath.Join(bin, name), "-check-config", "-config", cfg)
+		if code != 0 || !strings.Contains(stdout, "configuration OK") {
+			t.Errorf("%s -check-config configs/%s.yaml: exit %d\n%s%s", name, name, code, stdout, stderr)
+		}
+	}
 }
 
 // testDemoEndToEnd: the demo stack serves the page through socks5d and
