@@ -40,7 +40,9 @@ func latencies(b *testing.B, r *registry.Redis, op func(i int) error) (total tim
 	b.StopTimer()
 	slices.Sort(lat)
 	slices.Sort(ping)
-	pct := func(d []time.Duration, p float64) float64 { return float64(d[int(float64(len(d)-1)*p)].Nanoseconds()) / 1e3 }
+	pct := func(d []time.Duration, p float64) float64 {
+		return float64(d[int(float64(len(d)-1)*p)].Nanoseconds()) / 1e3
+	}
 	b.ReportMetric(pct(lat, 0.50), "p50-µs")
 	b.ReportMetric(pct(lat, 0.99), "p99-µs")
 	b.ReportMetric(pct(ping, 0.50), "ping-p50-µs")
