@@ -161,7 +161,10 @@ func (b *balancer) Close() {
 func TestProxyProtocolFromBalancer(t *testing.T) {
 	var logs testutil.LogBuffer
 	reg := registry.NewMemory(nil)
-	s := startServer(t, reg, logger(&logs), func(c *server.Config) { c.ProxyProtocolFrom = []string{"127.0.0.1"} })
+	s := startServer(t, reg, logger(&logs), func(c *server.Config) {
+		c.ProxyProtocolFrom = []string{"127.0.0.1"}
+		c.MaxTunnelsPerSource = 1
+	})
 	agentAddr := netip.MustParseAddrPort("198.51.100.7:4242")
 	lb := startBalancer(t, agentAddr, s.ControlAddr().String())
 	target := testutil.EchoTarget(t)
@@ -173,6 +176,22 @@ func TestProxyProtocolFromBalancer(t *testing.T) {
 	}
 	if !strings.Contains(logs.String(), "remote="+agentAddr.String()) {
 		t.Errorf("log lines do not name the real agent address %v:\n%s", agentAddr, logs.String())
+	}
+
+	// The per-source cap counts the real address too: a second tunnel
+	// "from" the agent's address through the balancer is refused.
+	second, err := net.Dial("tcp", lb.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	expectClosed(t, second)
+	second.Close()
+	testutil.Eventually(t, 5*time.Second, "the per-source cap refusing the agent's address", func() bool {
+		return s.Stats.SourceCapped.Load() == 1 &&
+			strings.Contains(logs.String(), "too many control connections from this source")
+	})
+	if !strings.Contains(logs.String(), "remote="+agentAddr.String()+" limit=1") || len(s.Agents()) != 1 {
+		t.Fatalf("cap log or live agent wrong:\n%s", logs.String())
 	}
 
 	refusals := s.Stats.Refusals.Load()

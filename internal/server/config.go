@@ -27,6 +27,10 @@ type Config struct {
 	// protocol v2 header (haproxy send-proxy-v2): logs and caps then see
 	// the real agent address. Other peers are never parsed for one.
 	ProxyProtocolFrom []string `yaml:"proxy_protocol_from"`
+	// MaxTunnelsPerSource caps the control connections (handshaking or
+	// live) from one source address, the real one behind a balancer.
+	// Agents behind one NAT share a source: size it for that. Default 256.
+	MaxTunnelsPerSource int `yaml:"max_tunnels_per_source"`
 	// Advertise is this member's own address: proxy ports bind to it and
 	// routes name it.
 	Advertise string `yaml:"advertise"`
@@ -86,6 +90,11 @@ func (c *Config) Validate() error {
 		p.Addf("proxy_protocol_from", "%v", err)
 	} else {
 		c.balancers = t
+	}
+	if c.MaxTunnelsPerSource == 0 {
+		c.MaxTunnelsPerSource = 256
+	} else if c.MaxTunnelsPerSource < 0 {
+		p.Addf("max_tunnels_per_source", "must be positive")
 	}
 	if a, err := netip.ParseAddr(c.Advertise); err != nil || a.IsUnspecified() {
 		p.Addf("advertise", "required: this member's own IP address (got %q)", c.Advertise)

@@ -31,6 +31,7 @@ type Stats struct {
 	Refusals       atomic.Int64 // hellos refused
 	RelayRefusals  atomic.Int64 // relay preambles answered with an error status
 	RegistryErrors atomic.Int64
+	SourceCapped   atomic.Int64 // control connections refused at the per-source cap
 }
 
 // Snapshot returns the counters as a map, for the API.
@@ -39,7 +40,7 @@ func (s *Stats) Snapshot() map[string]int64 {
 		"tunnels": s.Tunnels.Load(), "streams_open": s.StreamsOpen.Load(),
 		"streams_opened": s.StreamsOpened.Load(), "streams_at_cap": s.StreamsAtCap.Load(),
 		"hello_refusals": s.Refusals.Load(), "relay_refusals": s.RelayRefusals.Load(),
-		"registry_errors": s.RegistryErrors.Load(),
+		"registry_errors": s.RegistryErrors.Load(), "source_capped": s.SourceCapped.Load(),
 	}
 }
 
@@ -66,6 +67,8 @@ type Server struct {
 	sessions map[*agentSession]struct{}
 	routes   map[registry.Key]*route
 	closed   bool
+	// perSource counts control connections by source address.
+	perSource map[netip.Addr]int
 
 	control, relay, api net.Listener
 	relayAP             netip.AddrPort // the relay address routes name
@@ -89,7 +92,7 @@ func New(cfg Config, reg registry.Registry, log *slog.Logger) (*Server, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Server{cfg: cfg, log: log, reg: reg, token: tok, ctx: ctx, cancel: cancel,
 		ports:    NewPorts(cfg.portLo, cfg.portHi, cfg.Quarantine, nil),
-		sessions: map[*agentSession]struct{}{}, routes: map[registry.Key]*route{},
+		sessions: map[*agentSession]struct{}{}, routes: map[registry.Key]*route{}, perSource: map[netip.Addr]int{},
 		renewNow: make(chan struct{}, 1)}
 	return s, nil
 }

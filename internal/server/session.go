@@ -75,6 +75,14 @@ func (s *Server) handleTunnel(conn net.Conn) {
 		}
 		remote = ap.String()
 	}
+	if !s.admitSource(remote) {
+		s.Stats.SourceCapped.Add(1)
+		s.log.Warn("tunnel refused: too many control connections from this source", "remote", remote,
+			"limit", s.cfg.MaxTunnelsPerSource)
+		tunnel.Refuse(conn, &tunnel.Refusal{Code: tunnel.RefuseLimit, Reason: "too many tunnels from this address"})
+		return
+	}
+	defer s.releaseSource(remote)
 	hello, err := tunnel.ReadHello(conn, s.cfg.Tunnel)
 	if errors.Is(err, tunnel.ErrNoHello) {
 		// Closed before a byte: a TCP health check, or a port scan.
@@ -144,6 +152,36 @@ func (s *Server) handleTunnel(conn net.Conn) {
 	s.dropSession(as)
 	s.Stats.Tunnels.Add(-1)
 	log.Info("agent session ended")
+}
+
+// admitSource counts a control connection from remote (ip:port) against
+// the per-source cap; false if the cap is reached.
+func (s *Server) admitSource(remote string) bool {
+	ap, err := netip.ParseAddrPort(remote)
+	if err != nil {
+		return true
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	a := ap.Addr().Unmap()
+	if s.perSource[a] >= s.cfg.MaxTunnelsPerSource {
+		return false
+	}
+	s.perSource[a]++
+	return true
+}
+
+func (s *Server) releaseSource(remote string) {
+	ap, err := netip.ParseAddrPort(remote)
+	if err != nil {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	a := ap.Addr().Unmap()
+	if s.perSource[a]--; s.perSource[a] <= 0 {
+		delete(s.perSource, a)
+	}
 }
 
 // rejectStreams closes every stream the agent opens: in this protocol the
