@@ -27,12 +27,7 @@ var clusterPrefixes atomic.Int64
 // calls with the same prefix are the members of one cluster.
 func redisReg(t *testing.T, srv *redistest.Server, prefix string) *registry.Redis {
 	t.Helper()
-	r, err := registry.NewRedis(registry.RedisOptions{Addrs: []string{srv.Addr}, Prefix: prefix})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { r.Close() })
-	return r
+	return redisRegAt(t, srv.Addr, prefix)
 }
 
 func withLease(d time.Duration) serverOpt { return func(c *server.Config) { c.Lease = d } }
@@ -226,4 +221,74 @@ func expectClosed(t *testing.T, c net.Conn) {
 	if errors.As(err, &ne) && ne.Timeout() {
 		t.Fatal("server did not close the connection within 5 s")
 	}
+}
+
+// A registry that hangs (its host gone: no RST, no answer) must not stall
+// agents: a hello is answered within the claim budget, its route is served
+// on the member's own port, and registered once the registry answers
+// again; the renewal loop spends one timeout per round, not one per route.
+func TestRegistryHangs(t *testing.T) {
+	srv := redistest.Start(t)
+	link := testutil.NewBlackhole(t, srv.Addr)
+	prefix := fmt.Sprintf("cl%d:", clusterPrefixes.Add(1))
+	reg := redisRegAt(t, link.Addr(), prefix)
+	direct := redisReg(t, srv, prefix)
+	var logs testutil.LogBuffer
+	s := startServer(t, reg, logger(&logs), withLease(3*time.Second))
+	first := testutil.EchoTarget(t)
+	startAgent(t, []string{s.ControlAddr().String()}, []string{first}, nil)
+	waitRoute(t, direct, first, "")
+
+	link.Cut()
+	// Several targets: a wait per route would add up past the handshake
+	// deadline.
+	var targets []string
+	for range 4 {
+		targets = append(targets, testutil.EchoTarget(t))
+	}
+	second := targets[0]
+	started := time.Now()
+	startAgent(t, []string{s.ControlAddr().String()}, targets, nil)
+	var proxy string
+	testutil.Eventually(t, 10*time.Second, "the second agent served while the registry hangs", func() bool {
+		for _, a := range s.Agents() {
+			for _, r := range a.Routes {
+				if strings.HasPrefix(r, second+" -> ") {
+					proxy = strings.TrimPrefix(r, second+" -> ")
+					return true
+				}
+			}
+		}
+		return false
+	})
+	if d := time.Since(started); d > claimBound {
+		t.Fatalf("hello answered %v after connecting while the registry hangs; want within %v", d, claimBound)
+	}
+	c, err := net.Dial("tcp", proxy)
+	if err != nil {
+		t.Fatal(err)
+	}
+	echoOnce(t, c, "served locally")
+	c.Close()
+	if !logs.Contains("route registration failed; serving locally") {
+		t.Fatal("no log line for the registration that timed out")
+	}
+	link.Restore()
+	for _, tg := range append(targets, first) {
+		waitRoute(t, direct, tg, "")
+	}
+}
+
+// claimBound: the server's claim budget (2 s) plus the agent's connect
+// and handshake on a loaded machine.
+const claimBound = 5 * time.Second
+
+func redisRegAt(t *testing.T, addr, prefix string) *registry.Redis {
+	t.Helper()
+	r, err := registry.NewRedis(registry.RedisOptions{Addrs: []string{addr}, Prefix: prefix})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	return r
 }

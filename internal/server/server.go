@@ -316,8 +316,8 @@ func (s *Server) renewLoop() {
 	}
 }
 
-// renewAll renews every route once and returns how many failed for a
-// reason other than a takeover.
+// renewAll renews every route once and returns how many were not renewed
+// for a reason other than a takeover.
 func (s *Server) renewAll() (failed int) {
 	s.mu.Lock()
 	rs := make([]*route, 0, len(s.routes))
@@ -325,9 +325,9 @@ func (s *Server) renewAll() (failed int) {
 		rs = append(rs, r)
 	}
 	s.mu.Unlock()
-	for _, r := range rs {
+	for i, r := range rs {
 		if s.ctx.Err() != nil {
-			return failed
+			return failed + len(rs) - i
 		}
 		ctx, cancel := s.regCtx()
 		err := s.reg.Renew(ctx, r.info, s.cfg.Lease)
@@ -339,9 +339,21 @@ func (s *Server) renewAll() (failed int) {
 			s.Stats.RegistryErrors.Add(1)
 			s.log.Debug("route renewal failed", "target", r.key.String(), "err", err)
 			failed++
+			if timedOut(err) {
+				// The registry hangs (its host gone): one timeout per
+				// round, not one per route; the rest wait for the retry.
+				// Fast errors go on: in a Redis Cluster one master down
+				// fails only its own slots.
+				return failed + len(rs) - i - 1
+			}
 		}
 	}
 	return failed
+}
+
+func timedOut(err error) bool {
+	var ne net.Error
+	return errors.Is(err, context.DeadlineExceeded) || errors.As(err, &ne) && ne.Timeout()
 }
 
 // kickRenewal asks for a renewal round now.

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -253,12 +254,21 @@ func (s *Server) controlLoop(as *agentSession, log interface {
 // claim makes routes for targets on behalf of as: ownership checks
 // against local routes, a port, a listener, a registry record. Listeners
 // are not served until serveRoutes.
+// claimBudget bounds the registry writes of one claim (a hello's targets):
+// a registry that hangs (its host gone) must not outlast the agent's
+// handshake deadline. What is not registered in time is served locally and
+// registered by the renewal loop.
+const claimBudget = 2 * time.Second
+
 func (s *Server) claim(as *agentSession, targets []tunnel.Target) ([]tunnel.RouteInfo, []tunnel.TargetRefusal) {
 	var made []tunnel.RouteInfo
 	var refused []tunnel.TargetRefusal
+	c := &claimRun{}
+	c.ctx, c.cancel = context.WithTimeout(s.ctx, claimBudget)
+	defer c.cancel()
 	for _, t := range targets {
 		t.Addr = netip.AddrPortFrom(t.Addr.Addr().Unmap(), t.Addr.Port())
-		r, err := s.claimOne(as, t)
+		r, err := s.claimOne(as, t, c)
 		if err != nil {
 			refused = append(refused, tunnel.TargetRefusal{Target: t, Reason: err.Error()})
 			continue
@@ -268,7 +278,18 @@ func (s *Server) claim(as *agentSession, targets []tunnel.Target) ([]tunnel.Rout
 	return made, refused
 }
 
-func (s *Server) claimOne(as *agentSession, t tunnel.Target) (*route, error) {
+var errRegistryDown = errors.New("registry unavailable earlier in this claim")
+
+// claimRun is the registry state shared by the claims of one hello.
+type claimRun struct {
+	ctx    context.Context
+	cancel context.CancelFunc
+	// down is set after a registry error: the remaining routes of this
+	// claim are served locally without another wait.
+	down bool
+}
+
+func (s *Server) claimOne(as *agentSession, t tunnel.Target, c *claimRun) (*route, error) {
 	key := registry.Key{Network: t.Network, Addr: t.Addr}
 	if t.Network != "" {
 		if err := registry.ValidNetwork(t.Network); err != nil {
@@ -314,14 +335,16 @@ func (s *Server) claimOne(as *agentSession, t tunnel.Target) (*route, error) {
 	s.routes[key] = r
 	as.routes[key] = r
 	s.mu.Unlock()
-	ctx, cancel := s.regCtx()
-	err = s.reg.Register(ctx, r.info, s.cfg.Lease)
-	cancel()
+	err = errRegistryDown
+	if !c.down {
+		err = s.reg.Register(c.ctx, r.info, s.cfg.Lease)
+	}
 	if errors.Is(err, registry.ErrStale) || errors.Is(err, registry.ErrOwned) {
 		s.removeRoute(r, false)
 		return nil, err
 	}
 	if err != nil {
+		c.down = c.down || timedOut(err)
 		// The registry is down: serve the route on this member anyway;
 		// the renewal loop registers it when the registry is back.
 		s.Stats.RegistryErrors.Add(1)

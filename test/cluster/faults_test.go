@@ -481,7 +481,7 @@ func TestFaultAgentRestartAndTwin(t *testing.T) {
 func TestFaultAgentNetworkSilent(t *testing.T) {
 	t.Parallel()
 	c := newCluster(t)
-	link := newBlackhole(t, c.vip)
+	link := testutil.NewBlackhole(t, c.vip)
 	c2 := *c
 	c2.vip = link.Addr()
 	c2.startAgent("vpc-a")
