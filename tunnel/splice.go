@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/yamux"
@@ -38,7 +39,19 @@ type SpliceResult struct {
 // (zero: never). It returns when both directions are done, having closed
 // both user and stream.
 func Splice(user net.Conn, stream net.Conn, idle time.Duration) SpliceResult {
-	sp := &splice{user: user, stream: stream, idle: netx.NewIdle(idle),
+	return SpliceCounted(user, stream, idle, nil)
+}
+
+// Counters count spliced bytes as they pass (for metrics), shared by every
+// connection of a component.
+type Counters struct {
+	Up, Down atomic.Int64 // user->stream, stream->user
+}
+
+// SpliceCounted is Splice that also adds the bytes to c (nil: none) as
+// each chunk passes, so long-lived connections show in the counters.
+func SpliceCounted(user net.Conn, stream net.Conn, idle time.Duration, c *Counters) SpliceResult {
+	sp := &splice{user: user, stream: stream, idle: netx.NewIdle(idle), counters: c,
 		done: make(chan struct{}), aborted: make(chan struct{})}
 	if ys, ok := stream.(*yamux.Stream); ok {
 		sp.ys = ys
@@ -63,6 +76,7 @@ type splice struct {
 	idle         *netx.Idle
 	done         chan struct{} // closed when down() returns
 	nUp, nDown   int64
+	counters     *Counters
 	once         sync.Once
 	aborted      chan struct{}
 	err          error // set once, before aborted is closed
@@ -155,6 +169,9 @@ func (sp *splice) up() {
 				return
 			}
 			sp.nUp += int64(n)
+			if sp.counters != nil {
+				sp.counters.Up.Add(int64(n))
+			}
 		} else if bp != nil {
 			netx.PutBuf(bp)
 		}
@@ -269,6 +286,9 @@ func (sp *splice) copyFrame(n int) error {
 			return fmt.Errorf("write to user: %w", err)
 		}
 		sp.nDown += int64(len(chunk))
+		if sp.counters != nil {
+			sp.counters.Down.Add(int64(len(chunk)))
+		}
 		n -= len(chunk)
 	}
 	// yamux keeps a stream's receive buffer (about twice its largest frame)

@@ -19,6 +19,7 @@ import (
 
 	crand "crypto/rand"
 
+	"github.com/vpcreach/vpcreach/internal/admin"
 	"github.com/vpcreach/vpcreach/internal/netx"
 	"github.com/vpcreach/vpcreach/registry"
 	"github.com/vpcreach/vpcreach/tunnel"
@@ -32,6 +33,9 @@ type Stats struct {
 	StreamsAtCap atomic.Int64
 	NotExposed   atomic.Int64 // streams refused: target not exposed
 	DialFailures atomic.Int64
+	StreamsTotal atomic.Int64 // streams connected to their target
+	DialRefused  atomic.Int64 // dial failures: the target refused
+	Bytes        tunnel.Counters
 }
 
 // Agent keeps the tunnel and serves its streams.
@@ -53,6 +57,7 @@ type Agent struct {
 	current  *session
 	draining atomic.Bool
 	wg       sync.WaitGroup // session goroutines and stream handlers
+	adminSrv *admin.Server  // guarded by mu
 }
 
 // New builds an agent from a validated config.
@@ -144,6 +149,16 @@ func (a *Agent) Reload() {
 // routes, stops taking streams, waits up to the grace period (or until
 // hard is cancelled) for open ones, and returns nil.
 func (a *Agent) Run(ctx, hard context.Context) error {
+	if a.cfg.Admin != "" {
+		srv, err := admin.Listen(a.cfg.Admin, a.adminHandler(), a.log)
+		if err != nil {
+			return fmt.Errorf("admin listener: %w", err)
+		}
+		a.mu.Lock()
+		a.adminSrv = srv
+		a.mu.Unlock()
+		defer srv.Close()
+	}
 	attempt := 0
 	var prev *session // the session being replaced during a move
 	next := 0         // index of the server to try next
@@ -410,6 +425,7 @@ func (a *Agent) handleStream(s *session, st net.Conn) {
 		status := tunnel.StatusUnreachable
 		if errors.Is(err, syscall.ECONNREFUSED) {
 			status = tunnel.StatusRefused
+			a.Stats.DialRefused.Add(1)
 		}
 		log.Info("target dial failed", "status", status.String(), "err", err)
 		refuse(status)
@@ -422,8 +438,9 @@ func (a *Agent) handleStream(s *session, st net.Conn) {
 		return
 	}
 	a.Stats.StreamsOpen.Add(1)
+	a.Stats.StreamsTotal.Add(1)
 	defer a.Stats.StreamsOpen.Add(-1)
-	res := tunnel.Splice(conn, st, a.cfg.IdleTimeout)
+	res := tunnel.SpliceCounted(conn, st, a.cfg.IdleTimeout, &a.Stats.Bytes)
 	if res.Aborted {
 		log.Debug("connection aborted", "err", res.Err, "up", res.Up, "down", res.Down)
 	}

@@ -34,9 +34,12 @@ type Config struct {
 	// after a move. Default 30 s.
 	DrainGrace time.Duration `yaml:"drain_grace"`
 	// BackoffMax caps the reconnect backoff. Default 15 s.
-	BackoffMax time.Duration   `yaml:"backoff_max"`
-	Tunnel     tunnel.Settings `yaml:"tunnel"`
-	Log        config.Log      `yaml:"log"`
+	BackoffMax time.Duration `yaml:"backoff_max"`
+	// Admin is the admin listener (metrics, /healthz, /readyz = tunnel
+	// up); empty: off.
+	Admin  string          `yaml:"admin"`
+	Tunnel tunnel.Settings `yaml:"tunnel"`
+	Log    config.Log      `yaml:"log"`
 }
 
 // TargetConfig is one exposed target.
@@ -107,6 +110,11 @@ func (c *Config) Validate() error {
 	p.Duration(&c.ConnectTimeout, 5*time.Second, "connect_timeout")
 	p.Duration(&c.IdleTimeout, time.Hour, "idle_timeout")
 	p.Duration(&c.DrainGrace, 30*time.Second, "drain_grace")
+	if c.Admin != "" {
+		if _, _, err := net.SplitHostPort(c.Admin); err != nil {
+			p.Addf("admin", "%v", err)
+		}
+	}
 	p.Duration(&c.BackoffMax, 15*time.Second, "backoff_max")
 	c.Tunnel = c.Tunnel.WithDefaults()
 	c.Log.Validate(&p)

@@ -5,6 +5,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -15,6 +16,12 @@ import (
 // of a (a buffered reader in front of it). Join closes both connections
 // and returns the bytes copied a->b and b->a.
 func Join(a net.Conn, ar io.Reader, b net.Conn, idle time.Duration) (ab, ba int64, err error) {
+	return JoinCounted(a, ar, b, idle, nil, nil)
+}
+
+// JoinCounted is Join that also adds the bytes to cab (a->b) and cba
+// (b->a) as each chunk passes; nil counters are skipped.
+func JoinCounted(a net.Conn, ar io.Reader, b net.Conn, idle time.Duration, cab, cba *atomic.Int64) (ab, ba int64, err error) {
 	if ar == nil {
 		ar = a
 	}
@@ -22,9 +29,9 @@ func Join(a net.Conn, ar io.Reader, b net.Conn, idle time.Duration) (ab, ba int6
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		ba = j.copy(a, b, b)
+		ba = j.copy(a, b, b, cba)
 	}()
-	ab = j.copy(b, ar, a)
+	ab = j.copy(b, ar, a, cab)
 	<-done
 	select {
 	case <-j.aborted:
@@ -55,7 +62,7 @@ func (j *joiner) abort(err error, a, b net.Conn) {
 // copy moves src -> dst; rc is the connection behind src (for deadlines
 // and readiness). src may be a buffered reader over rc: while it holds
 // bytes, there is no readiness wait.
-func (j *joiner) copy(dst net.Conn, src io.Reader, rc net.Conn) int64 {
+func (j *joiner) copy(dst net.Conn, src io.Reader, rc net.Conn, count *atomic.Int64) int64 {
 	var n int64
 	rd := NewReadable(rc)
 	bufd, _ := src.(interface{ Buffered() int })
@@ -79,6 +86,9 @@ func (j *joiner) copy(dst net.Conn, src io.Reader, rc net.Conn) int64 {
 					return n
 				}
 				n += int64(m)
+				if count != nil {
+					count.Add(int64(m))
+				}
 			}
 			PutBuf(bp)
 		}

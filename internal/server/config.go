@@ -37,7 +37,11 @@ type Config struct {
 	// Relay is the port of the relay listener socks5d connects to, on the
 	// advertised address; 0 picks a free port (routes name the real one).
 	Relay int `yaml:"relay_port"`
-	// API is the listen address of the JSON lookup API; empty: off.
+	// Admin is the admin listener: the JSON lookup API (/v1/...),
+	// Prometheus metrics (/metrics), /healthz and /readyz. Empty: off.
+	// Keep it on loopback or a management network.
+	Admin string `yaml:"admin"`
+	// API is the earlier name of Admin, still accepted.
 	API string `yaml:"api"`
 	// Ports is the proxy port range, "lo-hi".
 	Ports string `yaml:"port_range"`
@@ -104,9 +108,15 @@ func (c *Config) Validate() error {
 	if c.Relay < 0 || c.Relay > 65535 {
 		p.Addf("relay_port", "must be a port 0-65535, 0 for any free port (got %d)", c.Relay)
 	}
-	if c.API != "" {
-		if _, _, err := net.SplitHostPort(c.API); err != nil {
-			p.Addf("api", "%v", err)
+	switch {
+	case c.API != "" && c.Admin != "":
+		p.Addf("api", "is the old name of admin: set only admin")
+	case c.API != "":
+		c.Admin = c.API
+	}
+	if c.Admin != "" {
+		if _, _, err := net.SplitHostPort(c.Admin); err != nil {
+			p.Addf("admin", "%v", err)
 		}
 	}
 	lo, hi, err := parseRange(c.Ports)

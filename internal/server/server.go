@@ -10,12 +10,12 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"net/http"
 	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/vpcreach/vpcreach/internal/admin"
 	"github.com/vpcreach/vpcreach/internal/netx"
 	"github.com/vpcreach/vpcreach/internal/socks"
 	"github.com/vpcreach/vpcreach/registry"
@@ -70,16 +70,21 @@ type Server struct {
 	// perSource counts control connections by source address.
 	perSource map[netip.Addr]int
 
-	control, relay, api net.Listener
-	relayAP             netip.AddrPort // the relay address routes name
-	httpSrv             *http.Server
-	socks               *socks.Server
-	socksLn             net.Listener
-	cache               *registry.Cache // the SOCKS5 front end's, with a shared store
+	control, relay net.Listener
+	relayAP        netip.AddrPort // the relay address routes name
+	socks          *socks.Server
+	socksLn        net.Listener
+	cache          *registry.Cache // the SOCKS5 front end's, with a shared store
 
 	// renewNow asks the renewal loop for a round at once (after the
 	// store came back, or a route may have been taken over).
 	renewNow chan struct{}
+
+	bytes        tunnel.Counters
+	refusals     *admin.Reasons // control connections refused, by reason
+	dialFailures *admin.Reasons // streams the agent answered with an error status
+	regMetrics   *regMetrics
+	adminSrv     *admin.Server
 }
 
 // New builds a server from a validated config. reg is the route store;
@@ -90,7 +95,12 @@ func New(cfg Config, reg registry.Registry, log *slog.Logger) (*Server, error) {
 		return nil, fmt.Errorf("token: %w", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
+	rm := newRegMetrics()
+	if _, local := reg.(*registry.Memory); !local {
+		reg = timedRegistry{reg, rm}
+	}
 	s := &Server{cfg: cfg, log: log, reg: reg, token: tok, ctx: ctx, cancel: cancel,
+		refusals: admin.NewReasons(refusalReasons...), dialFailures: admin.NewReasons(dialReasons...), regMetrics: rm,
 		ports:    NewPorts(cfg.portLo, cfg.portHi, cfg.Quarantine, nil),
 		sessions: map[*agentSession]struct{}{}, routes: map[registry.Key]*route{}, perSource: map[netip.Addr]int{},
 		renewNow: make(chan struct{}, 1)}
@@ -116,14 +126,6 @@ func (s *Server) Start() (err error) {
 	s.relayAP = netip.MustParseAddrPort(s.relay.Addr().String())
 	s.goServe("control", s.control, s.handleTunnel)
 	s.goServe("relay", s.relay, s.handleRelay)
-	if s.cfg.API != "" {
-		if s.api, err = lc.Listen(s.ctx, "tcp", s.cfg.API); err != nil {
-			return fmt.Errorf("api listener: %w", err)
-		}
-		s.httpSrv = &http.Server{Handler: s.apiHandler(), ReadHeaderTimeout: 5 * time.Second}
-		s.wg.Add(1)
-		go func() { defer s.wg.Done(); _ = s.httpSrv.Serve(s.api) }()
-	}
 	if s.cfg.Socks5 != nil {
 		if s.socksLn, err = lc.Listen(s.ctx, "tcp", s.cfg.Socks5.Listen); err != nil {
 			return fmt.Errorf("socks5 listener: %w", err)
@@ -139,6 +141,11 @@ func (s *Server) Start() (err error) {
 		s.wg.Add(1)
 		go func() { defer s.wg.Done(); _ = s.socks.Serve(s.socksLn) }()
 	}
+	if s.cfg.Admin != "" {
+		if s.adminSrv, err = admin.Listen(s.cfg.Admin, s.adminHandler(), s.log); err != nil {
+			return fmt.Errorf("admin listener: %w", err)
+		}
+	}
 	s.wg.Add(2)
 	go s.renewLoop()
 	go s.watchLoop()
@@ -151,10 +158,10 @@ func (s *Server) Start() (err error) {
 func (s *Server) ControlAddr() net.Addr { return s.control.Addr() }
 func (s *Server) RelayAddr() net.Addr   { return s.relay.Addr() }
 func (s *Server) APIAddr() net.Addr {
-	if s.api == nil {
+	if s.adminSrv == nil {
 		return nil
 	}
-	return s.api.Addr()
+	return s.adminSrv.Addr()
 }
 func (s *Server) SocksAddr() net.Addr {
 	if s.socksLn == nil {
@@ -249,8 +256,8 @@ func (s *Server) Close() error {
 			ln.Close()
 		}
 	}
-	if s.httpSrv != nil {
-		s.httpSrv.Close()
+	if s.adminSrv != nil {
+		s.adminSrv.Close()
 	}
 	if s.socks != nil {
 		s.socks.Close()

@@ -64,7 +64,7 @@ func (s *Server) handleTunnel(conn net.Conn) {
 			return
 		}
 		if err != nil {
-			s.Stats.Refusals.Add(1)
+			s.refused("proxy_header")
 			s.log.Warn("tunnel refused: bad PROXY protocol header from a balancer", "balancer", remote, "err", err)
 			conn.Close()
 			return
@@ -78,6 +78,7 @@ func (s *Server) handleTunnel(conn net.Conn) {
 	}
 	if !s.admitSource(remote) {
 		s.Stats.SourceCapped.Add(1)
+		s.refusals.Inc(tunnel.RefuseLimit)
 		s.log.Warn("tunnel refused: too many control connections from this source", "remote", remote,
 			"limit", s.cfg.MaxTunnelsPerSource)
 		tunnel.Refuse(conn, &tunnel.Refusal{Code: tunnel.RefuseLimit, Reason: "too many tunnels from this address"})
@@ -92,7 +93,7 @@ func (s *Server) handleTunnel(conn net.Conn) {
 		return
 	}
 	if err != nil {
-		s.Stats.Refusals.Add(1)
+		s.refused("handshake")
 		s.log.Warn("tunnel handshake failed", "remote", remote, "err", err)
 		if errors.Is(err, tunnel.ErrProtocol) && !errors.Is(err, tunnel.ErrBadMagic) {
 			tunnel.Refuse(conn, &tunnel.Refusal{Code: tunnel.RefuseProtocol, Reason: err.Error()})
@@ -103,7 +104,7 @@ func (s *Server) handleTunnel(conn net.Conn) {
 	}
 	log := s.log.With("remote", remote, "agent", hello.AgentID, "session", hello.SessionID)
 	refuse := func(code, reason string) {
-		s.Stats.Refusals.Add(1)
+		s.refused(code)
 		log.Warn("tunnel refused", "code", code, "reason", reason)
 		tunnel.Refuse(conn, &tunnel.Refusal{Code: code, Reason: reason})
 	}
@@ -438,6 +439,7 @@ func (s *Server) openStream(as *agentSession, hdr *tunnel.StreamHeader) (net.Con
 	}
 	fail := func(st tunnel.Status) (net.Conn, tunnel.Status) {
 		as.streams.Add(-1)
+		s.dialFailures.Inc(st.String())
 		return nil, st
 	}
 	stream, err := as.ts.Mux.OpenStream()
@@ -482,7 +484,7 @@ func (s *Server) handleProxyConn(r *route, c net.Conn) {
 		return
 	}
 	defer s.endStream(r.sess)
-	tunnel.Splice(c, stream, s.cfg.IdleTimeout)
+	tunnel.SpliceCounted(c, stream, s.cfg.IdleTimeout, &s.bytes)
 }
 
 // relayPreambleTimeout bounds the read of a relay preamble.
@@ -561,5 +563,5 @@ func (s *Server) handleRelay(c net.Conn) {
 		c.Close()
 		return
 	}
-	tunnel.Splice(c, stream, s.cfg.IdleTimeout)
+	tunnel.SpliceCounted(c, stream, s.cfg.IdleTimeout, &s.bytes)
 }

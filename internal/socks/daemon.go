@@ -2,11 +2,15 @@ package socks
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"strings"
+	"sync/atomic"
 	"time"
 
+	"github.com/vpcreach/vpcreach/internal/admin"
 	"github.com/vpcreach/vpcreach/internal/config"
 	"github.com/vpcreach/vpcreach/registry"
 )
@@ -21,6 +25,8 @@ type DaemonConfig struct {
 	Registry config.Registry `yaml:"registry"`
 	// Cache tunes the route cache in front of the registry.
 	Cache CacheConfig `yaml:"cache"`
+	// Admin is the admin listener (metrics, /healthz, /readyz); empty: off.
+	Admin string `yaml:"admin"`
 	// DrainGrace is how long open connections may finish on SIGTERM.
 	// Default 30 s.
 	DrainGrace time.Duration `yaml:"drain_grace"`
@@ -43,6 +49,11 @@ func (c *DaemonConfig) Validate() error {
 		p.Addf("lookup_api", "set lookup_api or registry, not both")
 	}
 	c.Cache.Validate(&p)
+	if c.Admin != "" {
+		if _, _, err := net.SplitHostPort(c.Admin); err != nil {
+			p.Addf("admin", "%v", err)
+		}
+	}
 	p.Duration(&c.DrainGrace, 30*time.Second, "drain_grace")
 	c.Log.Validate(&p)
 	return p.Err()
@@ -76,6 +87,7 @@ type Daemon struct {
 	log   *slog.Logger
 	reg   registry.Registry // nil in lookup API mode
 	cache *registry.Cache
+	admin *admin.Server
 	// Ready, if set, receives the bound address once listening.
 	Ready chan<- net.Addr
 }
@@ -113,6 +125,23 @@ func (d *Daemon) Run(ctx, hard context.Context) error {
 	if d.reg != nil {
 		source = "redis " + strings.Join(d.cfg.Registry.Redis.Addrs, ",")
 	}
+	var stopping atomic.Bool
+	if d.cfg.Admin != "" {
+		a := admin.New(func() error {
+			if stopping.Load() {
+				return errors.New("draining")
+			}
+			return nil
+		}, admin.Check{Name: "registry", Run: d.pingRegistry})
+		d.srv.RegisterMetrics(a.Reg, "socks5d")
+		as, err := admin.Listen(d.cfg.Admin, a.Mux, d.log)
+		if err != nil {
+			ln.Close()
+			return fmt.Errorf("admin listener: %w", err)
+		}
+		d.admin = as
+		defer as.Close()
+	}
 	d.log.Info("socks5d started", "listen", ln.Addr().String(), "routes", source)
 	if d.Ready != nil {
 		d.Ready <- ln.Addr()
@@ -128,11 +157,28 @@ func (d *Daemon) Run(ctx, hard context.Context) error {
 		}
 	}()
 	<-ctx.Done()
+	stopping.Store(true)
 	d.srv.Shutdown(hard, d.cfg.DrainGrace)
 	<-done
 	stopFollow()
 	<-follow
 	d.log.Info("stopped")
+	return nil
+}
+
+// AdminAddr is the admin listener's address (nil: off or not started).
+func (d *Daemon) AdminAddr() net.Addr {
+	if d.admin == nil {
+		return nil
+	}
+	return d.admin.Addr()
+}
+
+// pingRegistry checks the route source: Redis answers, or the lookup API.
+func (d *Daemon) pingRegistry(ctx context.Context) error {
+	if p, ok := d.reg.(interface{ Ping(context.Context) error }); ok {
+		return p.Ping(ctx)
+	}
 	return nil
 }
 

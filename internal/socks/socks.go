@@ -14,11 +14,14 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	socks5 "github.com/things-go/go-socks5"
 	"github.com/things-go/go-socks5/statute"
 
+	"github.com/vpcreach/vpcreach/internal/admin"
 	"github.com/vpcreach/vpcreach/internal/config"
 	"github.com/vpcreach/vpcreach/internal/netx"
 	"github.com/vpcreach/vpcreach/registry"
@@ -77,18 +80,43 @@ type Server struct {
 	lns    map[net.Listener]struct{}
 	closed bool
 	wg     sync.WaitGroup
+
+	// Counters for metrics.
+	open             atomic.Int64 // client connections being served
+	bytesUp, bytesDn atomic.Int64 // client->target, target->client
+	results          *admin.Reasons
+}
+
+// connectResults are the bounded label values of CONNECT outcomes.
+var connectResults = []string{"ok", "no route", "unreachable", "refused", "not exposed", "busy",
+	"stale", "draining", "bad request", "not supported"}
+
+// RegisterMetrics exposes the front end's counters; sub prefixes the
+// names ("socks5d", or "server" for the in-process front end).
+func (s *Server) RegisterMetrics(reg prometheus.Registerer, sub string) {
+	admin.GaugeOf(reg, sub+"_socks_connections_open", "SOCKS5 client connections being served.", &s.open, nil)
+	s.results.Register(reg, sub+"_socks_connects_total", "SOCKS5 CONNECT requests by result.", "result")
+	admin.Counter(reg, sub+"_socks_bytes_total", "Bytes carried, by direction.", &s.bytesUp, prometheus.Labels{"direction": "to_target"})
+	admin.Counter(reg, sub+"_socks_bytes_total", "Bytes carried, by direction.", &s.bytesDn, prometheus.Labels{"direction": "from_target"})
+	if c, ok := s.routes.(*registry.Cache); ok {
+		name, help := sub+"_route_lookups_total", "Route lookups by result."
+		admin.Counter(reg, name, help, &c.Stats.Hits, prometheus.Labels{"result": "hit"})
+		admin.Counter(reg, name, help, &c.Stats.Misses, prometheus.Labels{"result": "miss"})
+		admin.Counter(reg, name, help, &c.Stats.Stale, prometheus.Labels{"result": "stale"})
+		admin.Counter(reg, name, help, &c.Stats.Errors, prometheus.Labels{"result": "error"})
+	}
 }
 
 // New returns a front end that finds routes in routes. cfg must have
 // passed Validate.
 func New(cfg Config, routes registry.Reader, log *slog.Logger) *Server {
-	s := &Server{cfg: cfg, routes: routes, log: log.With("part", "socks5"),
+	s := &Server{cfg: cfg, routes: routes, log: log.With("part", "socks5"), results: admin.NewReasons(connectResults...),
 		conns: map[net.Conn]struct{}{}, lns: map[net.Listener]struct{}{}}
 	s.s5 = socks5.NewServer(
 		socks5.WithResolver(literalResolver{}),
 		socks5.WithConnectHandle(s.connect),
-		socks5.WithBindHandle(notSupported),
-		socks5.WithAssociateHandle(notSupported),
+		socks5.WithBindHandle(s.notSupported),
+		socks5.WithAssociateHandle(s.notSupported),
 		socks5.WithLogger(s5log{s.log}),
 	)
 	return s
@@ -110,7 +138,8 @@ type s5log struct{ l *slog.Logger }
 
 func (l s5log) Errorf(format string, args ...any) { l.l.Debug(fmt.Sprintf(format, args...)) }
 
-func notSupported(_ context.Context, w io.Writer, _ *socks5.Request) error {
+func (s *Server) notSupported(_ context.Context, w io.Writer, _ *socks5.Request) error {
+	s.results.Inc("not supported")
 	_ = socks5.SendReply(w, statute.RepCommandNotSupported, nil)
 	return errors.New("command not supported")
 }
@@ -136,6 +165,8 @@ func (s *Server) Serve(ln net.Listener) error {
 		go func() {
 			defer s.wg.Done()
 			defer s.untrack(c)
+			s.open.Add(1)
+			defer s.open.Add(-1)
 			s.ServeConn(c)
 		}()
 	})
@@ -238,6 +269,7 @@ func (s *Server) connect(ctx context.Context, w io.Writer, req *socks5.Request) 
 	log := s.log.With("client", client.RemoteAddr().String())
 	dst := req.DestAddr
 	if dst.IP == nil {
+		s.results.Inc("not supported")
 		_ = socks5.SendReply(w, statute.RepAddrTypeNotSupported, nil)
 		log.Info("socks5 connect refused: names are not resolved here", "name", dst.FQDN)
 		return errHandled
@@ -245,11 +277,13 @@ func (s *Server) connect(ctx context.Context, w io.Writer, req *socks5.Request) 
 	ip, _ := netip.AddrFromSlice(dst.IP)
 	key := registry.Key{Network: s.cfg.Network, Addr: netip.AddrPortFrom(ip.Unmap(), uint16(dst.Port))}
 	if dst.Port == 0 {
+		s.results.Inc("bad request")
 		_ = socks5.SendReply(w, statute.RepHostUnreachable, nil)
 		log.Info("socks5 connect refused: port 0", "target", key.String())
 		return errHandled
 	}
 	relay, st, err := s.dial(ctx, key, client.RemoteAddr().String())
+	s.results.Inc(st.String())
 	if st != tunnel.StatusOK {
 		_ = socks5.SendReply(w, replyFor(st), nil)
 		log.Info("socks5 connect failed", "target", key.String(), "status", st.String(), "err", err)
@@ -263,7 +297,7 @@ func (s *Server) connect(ctx context.Context, w io.Writer, req *socks5.Request) 
 	log.Debug("socks5 connected", "target", key.String(), "relay", relay.RemoteAddr().String())
 	// req.Reader is go-socks5's buffered reader: bytes the client
 	// pipelined after the request are in it.
-	_, _, err = netx.Join(client, req.Reader, relay, s.cfg.IdleTimeout)
+	_, _, err = netx.JoinCounted(client, req.Reader, relay, s.cfg.IdleTimeout, &s.bytesUp, &s.bytesDn)
 	if err != nil {
 		log.Debug("socks5 connection reset", "target", key.String(), "err", err)
 	}
