@@ -2,7 +2,9 @@ package e2e
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -12,6 +14,9 @@ import (
 	"time"
 
 	"github.com/vpcreach/vpcreach/internal/agent"
+	"github.com/vpcreach/vpcreach/internal/config"
+	"github.com/vpcreach/vpcreach/internal/redistest"
+	"github.com/vpcreach/vpcreach/internal/socks"
 	"github.com/vpcreach/vpcreach/internal/testutil"
 	"github.com/vpcreach/vpcreach/registry"
 	"github.com/vpcreach/vpcreach/tunnel"
@@ -152,5 +157,55 @@ func TestAgentNotReadyWithoutTunnel(t *testing.T) {
 	}
 	if m := scrape(t, a.AdminAddr()); m[`vpcreach_agent_tunnel_up`] != 0 {
 		t.Fatalf("tunnel_up = %v without a tunnel", m[`vpcreach_agent_tunnel_up`])
+	}
+}
+
+// socks5d's admin listener: connects and cached lookups move with traffic.
+func TestSocks5dMetrics(t *testing.T) {
+	rs := redistest.Start(t)
+	prefix := fmt.Sprintf("m%d:", clusterPrefixes.Add(1))
+	reg := redisReg(t, rs, prefix)
+	srv := startServer(t, reg, nil)
+	echo := testutil.EchoTarget(t)
+	startAgent(t, []string{srv.ControlAddr().String()}, []string{echo}, nil)
+	waitRoute(t, reg, echo, "")
+
+	cfg := socks.DaemonConfig{Config: socks.Config{Listen: "127.0.0.1:0"}, Admin: "127.0.0.1:0",
+		Registry: config.Registry{Type: "redis", Redis: config.Redis{Addrs: []string{rs.Addr}, Prefix: prefix}}}
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	d, err := socks.NewDaemon(cfg, testutil.Logger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ready := make(chan net.Addr, 1)
+	d.Ready = ready
+	ctx, stop := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- d.Run(ctx, context.Background()) }()
+	t.Cleanup(func() { stop(); <-done })
+	addr := <-ready
+
+	for range 3 {
+		c, rep := socksConnect(t, addr.String(), echo)
+		if rep != 0 {
+			t.Fatalf("socks reply %d", rep)
+		}
+		echoOnce(t, c, "metrics")
+		c.Close()
+	}
+	testutil.Eventually(t, 5*time.Second, "socks5d counters after three CONNECTs", func() bool {
+		m := scrape(t, d.AdminAddr())
+		return m[`vpcreach_socks5d_socks_connects_total{result="ok"}`] == 3 &&
+			m[`vpcreach_socks5d_route_lookups_total{result="miss"}`] >= 1 &&
+			m[`vpcreach_socks5d_route_lookups_total{result="hit"}`] >= 1 &&
+			m[`vpcreach_socks5d_socks_bytes_total{direction="to_target"}`] >= float64(3*len("metrics"))
+	})
+	if code, b := getStatus(t, d.AdminAddr(), "/readyz"); code != 200 {
+		t.Fatalf("socks5d /readyz = %d %s", code, b)
+	}
+	if code, b := getStatus(t, d.AdminAddr(), "/healthz"); code != 200 || !strings.Contains(b, `"ok":true`) {
+		t.Fatalf("socks5d /healthz = %d %s", code, b)
 	}
 }
