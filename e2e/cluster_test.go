@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -291,4 +292,28 @@ func redisRegAt(t *testing.T, addr, prefix string) *registry.Redis {
 	}
 	t.Cleanup(func() { r.Close() })
 	return r
+}
+
+// A member that dies mid-transfer must reach a SOCKS5 client as a reset,
+// never as a clean end that makes a truncated reply look complete: the
+// relay carries framed data, and a relay that ends without the end marker
+// is an abort.
+func TestMemberDeathMidTransferIsReset(t *testing.T) {
+	echo := testutil.EchoTarget(t)
+	reg := registry.NewMemory(nil)
+	srv := startServer(t, reg, nil)
+	startAgent(t, []string{srv.ControlAddr().String()}, []string{echo}, nil)
+	waitRoute(t, reg, echo, "")
+	front := standaloneSocks(t, srv.APIAddr().String())
+	c, rep := socksConnect(t, front, echo)
+	if rep != 0 {
+		t.Fatalf("socks reply %d", rep)
+	}
+	echoOnce(t, c, "before") // the path works; the next reply never comes
+	srv.Close()
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, err := c.Read(make([]byte, 16))
+	if !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("client read after the member died: %v; want a reset (ECONNRESET), not a clean end", err)
+	}
 }

@@ -11,10 +11,29 @@ import (
 // BenchmarkSpliceBulk moves bytes one way through the whole copy path: a
 // TCP user connection, Splice, a yamux stream over loopback TCP with the
 // write combiner, Splice, a TCP target. b.SetBytes makes it report MB/s.
+//
+// The metrics=on variants count bytes as the daemons do for Prometheus;
+// compare the two with benchstat:
+//
+//	go test -run '^$' -bench 'SpliceBulk|SpliceRoundTrip' -count 10 ./tunnel/ > m.txt
+//	benchstat -col /metrics m.txt
 func BenchmarkSpliceBulk(b *testing.B) {
+	for _, m := range []string{"off", "on"} {
+		b.Run("metrics="+m, func(b *testing.B) { benchSpliceBulk(b, counters(m)) })
+	}
+}
+
+func counters(m string) *Counters {
+	if m == "on" {
+		return &Counters{}
+	}
+	return nil
+}
+
+func benchSpliceBulk(b *testing.B, c *Counters) {
 	agent, server := sessionPair(b, DefaultSettings())
 	ln := listen(b)
-	sp := splicePair(b, ln, agent, server, 0)
+	sp := splicePairCounted(b, ln, agent, server, 0, c)
 	buf := make([]byte, 256<<10)
 	b.SetBytes(int64(len(buf)))
 	done := make(chan int64)
@@ -42,9 +61,15 @@ func BenchmarkSpliceBulk(b *testing.B) {
 // BenchmarkSpliceRoundTrip is one small request and its answer through
 // the tunnel: the latency path of a GET.
 func BenchmarkSpliceRoundTrip(b *testing.B) {
+	for _, m := range []string{"off", "on"} {
+		b.Run("metrics="+m, func(b *testing.B) { benchSpliceRoundTrip(b, counters(m)) })
+	}
+}
+
+func benchSpliceRoundTrip(b *testing.B, c *Counters) {
 	agent, server := sessionPair(b, DefaultSettings())
 	ln := listen(b)
-	sp := splicePair(b, ln, agent, server, 0)
+	sp := splicePairCounted(b, ln, agent, server, 0, c)
 	go func() { // the far end echoes
 		buf := make([]byte, 64)
 		for {

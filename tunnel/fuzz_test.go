@@ -84,7 +84,7 @@ func FuzzReadPreamble(f *testing.F) {
 			return
 		}
 		consumed := data[:len(data)-r.Len()]
-		if consumed[0] != 'R' || consumed[1] != RelayVersion {
+		if consumed[0] != 'R' || consumed[1] != RelayVersion && consumed[1] != RelayVersionRaw {
 			t.Fatalf("accepted preamble %x", consumed[:2])
 		}
 		checkHeader(t, StreamHeader(p), Version2, consumed[2:])

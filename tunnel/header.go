@@ -70,8 +70,13 @@ const (
 	MaxHeaderSize = 1 + 8 + 1 + MaxNetworkLen + 1 + 16 + 2 + 1 + maxClientLen
 	headerKind    = 1 // the only stream kind so far: connect
 	preambleMagic = 'R'
-	// RelayVersion is the version byte of the relay preamble.
-	RelayVersion = 1
+	// RelayVersion is the version byte of the relay preamble this side
+	// sends: 2, data framed after the status as on a tunnel stream, so a
+	// member that dies mid-transfer is an abort, never a clean end.
+	RelayVersion = 2
+	// RelayVersionRaw is the first relay version (raw bytes after the
+	// status), still accepted from older front ends.
+	RelayVersionRaw = 1
 )
 
 // Append appends the encoding of h in protocol version v.
@@ -131,17 +136,24 @@ func (p *Preamble) Append(b []byte) []byte {
 	return h.Append(b, Version2)
 }
 
-// ReadPreamble decodes a relay preamble.
+// ReadPreamble decodes a relay preamble of either version.
 func ReadPreamble(r io.Reader) (Preamble, error) {
+	p, _, err := ReadRelayPreamble(r)
+	return p, err
+}
+
+// ReadRelayPreamble decodes a relay preamble and returns its version:
+// RelayVersion (framed data) or RelayVersionRaw.
+func ReadRelayPreamble(r io.Reader) (Preamble, byte, error) {
 	var mv [2]byte
 	if _, err := io.ReadFull(r, mv[:]); err != nil {
-		return Preamble{}, err
+		return Preamble{}, 0, err
 	}
-	if mv[0] != preambleMagic || mv[1] != RelayVersion {
-		return Preamble{}, fmt.Errorf("%w: bad relay preamble %x", ErrProtocol, mv)
+	if mv[0] != preambleMagic || mv[1] != RelayVersion && mv[1] != RelayVersionRaw {
+		return Preamble{}, 0, fmt.Errorf("%w: bad relay preamble %x", ErrProtocol, mv)
 	}
 	h, err := ReadStreamHeader(r, Version2)
-	return Preamble(h), err
+	return Preamble(h), mv[1], err
 }
 
 func appendTarget(b []byte, t Target) []byte {

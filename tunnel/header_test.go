@@ -138,11 +138,28 @@ func TestStreamHeaderErrors(t *testing.T) {
 	}
 }
 
+// Both relay versions decode, and the version is reported: 2 (framed)
+// from current front ends, 1 (raw) from older ones.
+func TestPreambleVersions(t *testing.T) {
+	good := (&Preamble{Generation: 7, Target: Target{Addr: netip.MustParseAddrPort("10.0.0.1:80")}}).Append(nil)
+	if good[1] != RelayVersion || RelayVersion != 2 {
+		t.Fatalf("Append writes relay version %d", good[1])
+	}
+	for _, v := range []byte{RelayVersion, RelayVersionRaw} {
+		in := append([]byte{'R', v}, good[2:]...)
+		p, got, err := ReadRelayPreamble(bytes.NewReader(in))
+		if err != nil || got != v || p.Generation != 7 {
+			t.Fatalf("version %d: got %+v, version %d, %v", v, p, got, err)
+		}
+	}
+}
+
 func TestPreambleErrors(t *testing.T) {
 	good := (&Preamble{Generation: 1, Target: Target{Addr: netip.MustParseAddrPort("10.0.0.1:80")}}).Append(nil)
 	for _, in := range [][]byte{
 		append([]byte{'X', RelayVersion}, good[2:]...),
 		append([]byte{'R', RelayVersion + 1}, good[2:]...),
+		append([]byte{'R', 3}, good[2:]...),
 		append([]byte{'R', 0}, good[2:]...),
 		append([]byte{'R', RelayVersion, 9}, good[3:]...),
 	} {

@@ -50,13 +50,19 @@ func openStream(t testing.TB, agent, server *Session) (srv, ag *yamux.Stream) {
 }
 
 func splicePair(t testing.TB, ln *net.TCPListener, agent, server *Session, idle time.Duration) *spliced {
+	return splicePairCounted(t, ln, agent, server, idle, nil)
+}
+
+// splicePairCounted is splicePair with both ends counting bytes into c
+// (nil: no counting), as the daemons do for their metrics.
+func splicePairCounted(t testing.TB, ln *net.TCPListener, agent, server *Session, idle time.Duration, c *Counters) *spliced {
 	t.Helper()
 	srvStream, agStream := openStream(t, agent, server)
 	near, nearUser := tcpPairOn(t, ln)
 	farUser, far := tcpPairOn(t, ln)
 	sp := &spliced{near: near, far: far, nearRes: make(chan SpliceResult, 1), farRes: make(chan SpliceResult, 1)}
-	go func() { sp.nearRes <- Splice(nearUser, srvStream, idle) }()
-	go func() { sp.farRes <- Splice(farUser, agStream, idle) }()
+	go func() { sp.nearRes <- SpliceCounted(nearUser, srvStream, idle, c) }()
+	go func() { sp.farRes <- SpliceCounted(farUser, agStream, idle, c) }()
 	return sp
 }
 

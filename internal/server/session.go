@@ -522,7 +522,7 @@ func (s *Server) handleRelay(c net.Conn) {
 	s.conns.Add(1)
 	defer s.conns.Done()
 	_ = c.SetReadDeadline(time.Now().Add(relayPreambleTimeout))
-	p, err := tunnel.ReadPreamble(c)
+	p, version, err := tunnel.ReadRelayPreamble(c)
 	_ = c.SetReadDeadline(time.Time{})
 	answer := func(st tunnel.Status, msg string, args ...any) {
 		s.Stats.RelayRefusals.Add(1)
@@ -563,5 +563,12 @@ func (s *Server) handleRelay(c net.Conn) {
 		c.Close()
 		return
 	}
-	tunnel.SpliceCounted(c, stream, s.cfg.IdleTimeout, &s.bytes)
+	if version == tunnel.RelayVersionRaw {
+		tunnel.SpliceCounted(c, stream, s.cfg.IdleTimeout, &s.bytes)
+		return
+	}
+	// Framed on both sides: pass the frames through untouched (the bytes
+	// counted include their 4-byte frame headers). If this member dies,
+	// the front end sees its relay end without an end marker: an abort.
+	_, _, _ = netx.JoinCounted(c, nil, stream, s.cfg.IdleTimeout, &s.bytes.Up, &s.bytes.Down)
 }

@@ -82,9 +82,9 @@ type Server struct {
 	wg     sync.WaitGroup
 
 	// Counters for metrics.
-	open             atomic.Int64 // client connections being served
-	bytesUp, bytesDn atomic.Int64 // client->target, target->client
-	results          *admin.Reasons
+	open    atomic.Int64    // client connections being served
+	bytes   tunnel.Counters // Up: client->target, Down: target->client
+	results *admin.Reasons
 }
 
 // connectResults are the bounded label values of CONNECT outcomes.
@@ -96,8 +96,8 @@ var connectResults = []string{"ok", "no route", "unreachable", "refused", "not e
 func (s *Server) RegisterMetrics(reg prometheus.Registerer, sub string) {
 	admin.GaugeOf(reg, sub+"_socks_connections_open", "SOCKS5 client connections being served.", &s.open, nil)
 	s.results.Register(reg, sub+"_socks_connects_total", "SOCKS5 CONNECT requests by result.", "result")
-	admin.Counter(reg, sub+"_socks_bytes_total", "Bytes carried, by direction.", &s.bytesUp, prometheus.Labels{"direction": "to_target"})
-	admin.Counter(reg, sub+"_socks_bytes_total", "Bytes carried, by direction.", &s.bytesDn, prometheus.Labels{"direction": "from_target"})
+	admin.Counter(reg, sub+"_socks_bytes_total", "Bytes carried, by direction.", &s.bytes.Up, prometheus.Labels{"direction": "to_target"})
+	admin.Counter(reg, sub+"_socks_bytes_total", "Bytes carried, by direction.", &s.bytes.Down, prometheus.Labels{"direction": "from_target"})
 	if c, ok := s.routes.(*registry.Cache); ok {
 		name, help := sub+"_route_lookups_total", "Route lookups by result."
 		admin.Counter(reg, name, help, &c.Stats.Hits, prometheus.Labels{"result": "hit"})
@@ -295,11 +295,13 @@ func (s *Server) connect(ctx context.Context, w io.Writer, req *socks5.Request) 
 		return err
 	}
 	log.Debug("socks5 connected", "target", key.String(), "relay", relay.RemoteAddr().String())
+	// The relay carries framed data: an end without an end marker (the
+	// member died, the target reset) reaches the client as a reset.
 	// req.Reader is go-socks5's buffered reader: bytes the client
 	// pipelined after the request are in it.
-	_, _, err = netx.JoinCounted(client, req.Reader, relay, s.cfg.IdleTimeout, &s.bytesUp, &s.bytesDn)
-	if err != nil {
-		log.Debug("socks5 connection reset", "target", key.String(), "err", err)
+	res := tunnel.SpliceCounted(pipelined(client, req.Reader), relay, s.cfg.IdleTimeout, &s.bytes)
+	if res.Aborted {
+		log.Debug("socks5 connection reset", "target", key.String(), "err", res.Err)
 	}
 	return errHandled
 }
@@ -343,6 +345,40 @@ func (s *Server) dial(ctx context.Context, key registry.Key, client string) (net
 		failed, last, lastErr = route, st, err
 	}
 	return nil, last, lastErr
+}
+
+// pipelined returns c, or, when the client sent bytes after its request
+// that go-socks5's buffered reader holds, c reading those first.
+func pipelined(c net.Conn, r io.Reader) net.Conn {
+	if b, ok := r.(interface{ Buffered() int }); ok && b.Buffered() == 0 {
+		return c
+	}
+	return &readerConn{Conn: c, r: r}
+}
+
+// readerConn is a connection whose reads come from r (a buffered reader
+// over the connection itself).
+type readerConn struct {
+	net.Conn
+	r io.Reader
+}
+
+func (c *readerConn) Read(p []byte) (int, error) { return c.r.Read(p) }
+
+// SetLinger lets a reset (linger 0) reach the connection underneath.
+func (c *readerConn) SetLinger(sec int) error {
+	if l, ok := c.Conn.(interface{ SetLinger(int) error }); ok {
+		return l.SetLinger(sec)
+	}
+	return nil
+}
+
+// CloseWrite half-closes the connection underneath.
+func (c *readerConn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return nil
 }
 
 // ErrMemberDown marks a relay connect that failed before the member
