@@ -1,11 +1,16 @@
 # vpcreach developer targets. `make test` is what CI runs (.ci/run).
 GO        ?= go
-VERSION   ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -X github.com/vpcreach/vpcreach/internal/cli.Version=$(VERSION)
 FUZZTIME  ?= 10s
 BENCHFLAGS ?=
+# package: output directory, target architecture (GOARCH), reproducible file times
+DIST      ?= dist
+PKG_GOARCH ?= $(shell $(GO) env GOARCH)
+SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null)
+PKG_BUILD := $(DIST)/build/linux_$(PKG_GOARCH)
 
-.PHONY: all build demo test bench fuzz clean
+.PHONY: all build demo test bench fuzz package clean
 
 all: build
 
@@ -37,5 +42,15 @@ fuzz:
 		$(GO) test -run='^$$' -fuzz="^$$f$$" -fuzztime=$(FUZZTIME) ./tunnel; \
 	done
 
+## package: .deb packages vpcreach-agent and vpcreach-proxyserver into $(DIST)/
+## (static binaries stamped with VERSION; tools/mkdeb turns VERSION into a
+## Debian version; PKG_GOARCH=arm64 make package cross-builds)
+package:
+	rm -rf $(PKG_BUILD)
+	rm -f $(DIST)/vpcreach-agent_*_*.deb $(DIST)/vpcreach-proxyserver_*_*.deb
+	CGO_ENABLED=0 GOOS=linux GOARCH=$(PKG_GOARCH) $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(PKG_BUILD)/ ./cmd/...
+	GOOS= GOARCH= SOURCE_DATE_EPOCH="$(SOURCE_DATE_EPOCH)" $(GO) run ./tools/mkdeb \
+		-version "$(VERSION)" -arch $(PKG_GOARCH) -bin $(PKG_BUILD) -out $(DIST)
+
 clean:
-	rm -rf bin/
+	rm -rf bin/ dist/

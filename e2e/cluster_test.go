@@ -166,6 +166,9 @@ func TestProxyProtocolFromBalancer(t *testing.T) {
 	target := testutil.EchoTarget(t)
 	startAgent(t, []string{lb.Addr()}, []string{target}, nil)
 	waitRoute(t, reg, target, "")
+	// The route is written during the handshake; the session is listed
+	// once the handshake completes.
+	testutil.Eventually(t, 5*time.Second, "the agent session listed", func() bool { return len(s.Agents()) == 1 })
 	agents := s.Agents()
 	if len(agents) != 1 || agents[0].Remote != agentAddr.String() {
 		t.Fatalf("agents = %+v, want one with remote %v (from the PROXY header)", agents, agentAddr)

@@ -75,10 +75,11 @@ func TestMetricsMoveWithTraffic(t *testing.T) {
 	route := waitRoute(t, reg, echo, "")
 	testutil.Eventually(t, 5*time.Second, "agent admin listener", func() bool { return a.AdminAddr() != nil })
 
-	before, abefore := scrape(t, srv.APIAddr()), scrape(t, a.AdminAddr())
-	if before[`vpcreach_server_tunnels`] != 1 || abefore[`vpcreach_agent_tunnel_up`] != 1 {
-		t.Fatalf("tunnels gauge %v, agent tunnel_up %v; want 1 and 1", before[`vpcreach_server_tunnels`], abefore[`vpcreach_agent_tunnel_up`])
-	}
+	var before, abefore map[string]float64
+	testutil.Eventually(t, 5*time.Second, "tunnels gauge 1 and agent tunnel_up 1", func() bool {
+		before, abefore = scrape(t, srv.APIAddr()), scrape(t, a.AdminAddr())
+		return before[`vpcreach_server_tunnels`] == 1 && abefore[`vpcreach_agent_tunnel_up`] == 1
+	})
 	for range 3 {
 		c, err := net.Dial("tcp", route.Proxy.String())
 		if err != nil {
@@ -180,7 +181,7 @@ func TestSocks5dMetrics(t *testing.T) {
 		t.Fatal(err)
 	}
 	ready := make(chan net.Addr, 1)
-	d.Ready = ready
+	d.Bound = ready
 	ctx, stop := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- d.Run(ctx, context.Background()) }()

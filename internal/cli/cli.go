@@ -11,7 +11,10 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"sync"
 	"syscall"
+
+	"github.com/coreos/go-systemd/v22/daemon"
 
 	"github.com/vpcreach/vpcreach/internal/config"
 )
@@ -84,34 +87,79 @@ func Main[C config.Validator](name string, args []string, stdout, stderr io.Writ
 }
 
 // RunDaemon runs d with two-phase signal handling: the first SIGINT or
-// SIGTERM starts a drain, a second one stops at once; SIGHUP reloads.
+// SIGTERM starts a drain, a second one stops at once; SIGHUP reloads. Under
+// systemd (NOTIFY_SOCKET set) it reports the daemon's state: READY=1 once
+// d is ready (see withReady), RELOADING=1 and READY=1 around Reload,
+// STOPPING=1 on the first signal, STATUS= lines, and WATCHDOG=1 while the
+// unit has WatchdogSec= and the daemon gives proof of life (see watchdog).
 func RunDaemon(d Daemon, log *slog.Logger) error {
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	defer signal.Stop(sigs)
+	return runDaemon(d, log, sigs)
+}
+
+// runDaemon is RunDaemon with the signals coming from sigs.
+func runDaemon(d Daemon, log *slog.Logger, sigs <-chan os.Signal) error {
+	n := &notifier{log: log}
+	live := livenessOf(d)
+	d, ready := withReady(d)
 	ctx, stop := context.WithCancel(context.Background())
 	defer stop()
 	hard, stopHard := context.WithCancel(context.Background())
 	defer stopHard()
-	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
-	defer signal.Stop(sigs)
+
+	n.send(statusLine("starting"))
 	done := make(chan error, 1)
 	go func() { done <- d.Run(ctx, hard) }()
-	terms := 0
+
+	// The watchdog goroutine is ours: it ends before we return.
+	probes := make(chan struct{})
+	wctx, stopWatchdog := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	defer func() { stopWatchdog(); wg.Wait() }()
+	if every := n.watchdogInterval(); every > 0 {
+		log.Debug("systemd watchdog on", "ping_every", every)
+		wg.Add(1)
+		go func() { defer wg.Done(); n.watchdog(wctx, every, probes, live) }()
+	}
+
+	isReady, terms := false, 0
 	for {
 		select {
 		case err := <-done:
+			if err != nil {
+				n.send(statusLine("failed: " + err.Error()))
+			}
 			return err
+		case <-ready:
+			ready = nil
+			if terms == 0 {
+				isReady = true
+				n.send(daemon.SdNotifyReady, statusLine("running"))
+			}
+		case <-probes: // the watchdog's proof that this loop runs
 		case s := <-sigs:
 			if s == syscall.SIGHUP {
 				log.Info("SIGHUP received: reloading")
+				tell := isReady && terms == 0
+				if tell {
+					n.send(daemon.SdNotifyReloading, monotonicUsec(), statusLine("reloading"))
+				}
 				d.Reload()
+				if tell {
+					n.send(daemon.SdNotifyReady, statusLine("running"))
+				}
 				continue
 			}
 			terms++
 			if terms == 1 {
 				log.Info("signal received: draining; send it again to stop at once", "signal", s.String())
+				n.send(daemon.SdNotifyStopping, statusLine("draining; signal again to stop at once"))
 				stop()
 			} else {
 				log.Warn("second signal: stopping at once", "signal", s.String())
+				n.send(statusLine("stopping at once"))
 				stopHard()
 			}
 		}

@@ -85,6 +85,7 @@ type Server struct {
 	dialFailures *admin.Reasons // streams the agent answered with an error status
 	regMetrics   *regMetrics
 	adminSrv     *admin.Server
+	started      chan struct{} // closed when Start has bound every listener
 }
 
 // New builds a server from a validated config. reg is the route store;
@@ -103,7 +104,7 @@ func New(cfg Config, reg registry.Registry, log *slog.Logger) (*Server, error) {
 		refusals: admin.NewReasons(refusalReasons...), dialFailures: admin.NewReasons(dialReasons...), regMetrics: rm,
 		ports:    NewPorts(cfg.portLo, cfg.portHi, cfg.Quarantine, nil),
 		sessions: map[*agentSession]struct{}{}, routes: map[registry.Key]*route{}, perSource: map[netip.Addr]int{},
-		renewNow: make(chan struct{}, 1)}
+		renewNow: make(chan struct{}, 1), started: make(chan struct{})}
 	return s, nil
 }
 
@@ -149,10 +150,15 @@ func (s *Server) Start() (err error) {
 	s.wg.Add(2)
 	go s.renewLoop()
 	go s.watchLoop()
+	close(s.started)
 	s.log.Info("proxy server started", "server", s.cfg.ServerID, "control", s.control.Addr().String(),
 		"relay", s.relay.Addr().String(), "advertise", s.cfg.advertise.String(), "ports", s.cfg.Ports)
 	return nil
 }
+
+// Ready is closed once Start has bound every listener (control, relay,
+// admin, SOCKS5): systemd's READY=1.
+func (s *Server) Ready() <-chan struct{} { return s.started }
 
 // ControlAddr, RelayAddr, APIAddr and SocksAddr return the bound addresses.
 func (s *Server) ControlAddr() net.Addr { return s.control.Addr() }

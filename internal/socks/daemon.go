@@ -88,14 +88,15 @@ type Daemon struct {
 	reg   registry.Registry // nil in lookup API mode
 	cache *registry.Cache
 	admin *admin.Server
-	// Ready, if set, receives the bound address once listening.
-	Ready chan<- net.Addr
+	// Bound, if set, receives the bound address once listening.
+	Bound chan<- net.Addr
+	ready chan struct{} // closed once listening
 }
 
 // NewDaemon builds a standalone socks5d reading routes from Redis through
 // a cache, or from a proxy server's lookup API.
 func NewDaemon(cfg DaemonConfig, log *slog.Logger) (*Daemon, error) {
-	d := &Daemon{cfg: cfg, log: log}
+	d := &Daemon{cfg: cfg, log: log, ready: make(chan struct{})}
 	var routes registry.Reader
 	if cfg.LookupAPI != "" {
 		routes = registry.NewAPIClient(cfg.LookupAPI, nil)
@@ -143,8 +144,9 @@ func (d *Daemon) Run(ctx, hard context.Context) error {
 		defer as.Close()
 	}
 	d.log.Info("socks5d started", "listen", ln.Addr().String(), "routes", source)
-	if d.Ready != nil {
-		d.Ready <- ln.Addr()
+	close(d.ready)
+	if d.Bound != nil {
+		d.Bound <- ln.Addr()
 	}
 	done := make(chan struct{})
 	go func() { defer close(done); _ = d.srv.Serve(ln) }()
@@ -165,6 +167,9 @@ func (d *Daemon) Run(ctx, hard context.Context) error {
 	d.log.Info("stopped")
 	return nil
 }
+
+// Ready is closed once the daemon listens (systemd's READY=1).
+func (d *Daemon) Ready() <-chan struct{} { return d.ready }
 
 // AdminAddr is the admin listener's address (nil: off or not started).
 func (d *Daemon) AdminAddr() net.Addr {

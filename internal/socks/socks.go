@@ -79,7 +79,10 @@ type Server struct {
 	conns  map[net.Conn]struct{}
 	lns    map[net.Listener]struct{}
 	closed bool
-	wg     sync.WaitGroup
+	// stopping is set by Shutdown: no new connection is tracked after it,
+	// so wg.Add never races with Shutdown's Wait.
+	stopping bool
+	wg       sync.WaitGroup
 
 	// Counters for metrics.
 	open    atomic.Int64    // client connections being served
@@ -161,7 +164,6 @@ func (s *Server) Serve(ln net.Listener) error {
 			c.Close()
 			return
 		}
-		s.wg.Add(1)
 		go func() {
 			defer s.wg.Done()
 			defer s.untrack(c)
@@ -172,13 +174,16 @@ func (s *Server) Serve(ln net.Listener) error {
 	})
 }
 
+// track registers a new connection and counts it in wg, under mu so that
+// it cannot race with Shutdown's wait; false once the server stops.
 func (s *Server) track(c net.Conn) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.closed {
+	if s.closed || s.stopping {
 		return false
 	}
 	s.conns[c] = struct{}{}
+	s.wg.Add(1)
 	return true
 }
 
@@ -215,6 +220,7 @@ var errHandled = errors.New("handled")
 // passes or hard is cancelled, then closes the rest.
 func (s *Server) Shutdown(hard context.Context, grace time.Duration) {
 	s.mu.Lock()
+	s.stopping = true
 	for ln := range s.lns {
 		ln.Close()
 	}
