@@ -1,11 +1,13 @@
-// Package socks is the SOCKS5 front end: things-go/go-socks5 negotiates,
-// this package owns the accept loop and the CONNECT path. A CONNECT looks
+// Package socks is the SOCKS5 front end, which also speaks HTTP proxy on
+// the same port (http.go): things-go/go-socks5 negotiates SOCKS5, this
+// package owns the accept loop, the protocol sniffing and the CONNECT path. A CONNECT looks
 // the target's route up and connects through the owning proxy server's
 // relay port, so the reply code is the real outcome; nothing is ever
 // dialled directly, and no name is resolved on the proxy host.
 package socks
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -201,9 +203,28 @@ func (s *Server) ServeConn(c net.Conn) {
 			c.Close()
 		}
 	}()
+	defer c.Close()
 	netx.KeepAlive(c, 30*time.Second, 10*time.Second, 3)
 	_ = c.SetDeadline(time.Now().Add(s.cfg.HandshakeTimeout))
-	switch err := s.s5.ServeConn(c); {
+	// The first byte decides: 5 is a SOCKS5 greeting, anything else an
+	// HTTP proxy request (http.go).
+	lr := &headLimit{r: c, n: maxHTTPHeader}
+	br := bufio.NewReaderSize(lr, 4096)
+	first, err := br.Peek(1)
+	if err != nil {
+		if errors.Is(err, io.EOF) {
+			s.log.Debug("connection closed before its first byte", "client", c.RemoteAddr().String())
+		} else {
+			s.log.Info("no request", "client", c.RemoteAddr().String(), "err", err)
+		}
+		return
+	}
+	if first[0] != socks5Version {
+		s.serveHTTP(c, br, lr)
+		return
+	}
+	lr.lift()
+	switch err := s.s5.ServeConn(&readerConn{Conn: c, r: br}); {
 	case err == nil, errors.Is(err, errHandled):
 	case errors.Is(err, io.EOF) && !errors.Is(err, io.ErrUnexpectedEOF):
 		// Closed before a greeting: a port check, not a client.
@@ -212,6 +233,8 @@ func (s *Server) ServeConn(c net.Conn) {
 		s.log.Info("socks5 request failed", "client", c.RemoteAddr().String(), "err", err)
 	}
 }
+
+const socks5Version = 5
 
 // errHandled marks a CONNECT whose outcome the handler already logged.
 var errHandled = errors.New("handled")
@@ -355,8 +378,13 @@ func (s *Server) dial(ctx context.Context, key registry.Key, client string) (net
 
 // pipelined returns c, or, when the client sent bytes after its request
 // that go-socks5's buffered reader holds, c reading those first.
+// With nothing buffered anywhere it is the raw connection, so that the
+// splice waits for data without holding a buffer.
 func pipelined(c net.Conn, r io.Reader) net.Conn {
 	if b, ok := r.(interface{ Buffered() int }); ok && b.Buffered() == 0 {
+		if rc, ok := c.(*readerConn); ok {
+			return pipelined(rc.Conn, rc.r)
+		}
 		return c
 	}
 	return &readerConn{Conn: c, r: r}
