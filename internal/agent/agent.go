@@ -40,9 +40,8 @@ type Stats struct {
 
 // Agent keeps the tunnel and serves its streams.
 type Agent struct {
-	cfg   Config
+	live  atomic.Pointer[liveConfig] // replaced whole by Apply
 	log   *slog.Logger
-	token string
 	Stats Stats
 
 	// MinVersion and MaxVersion are the protocol range announced in the
@@ -51,6 +50,7 @@ type Agent struct {
 
 	genMu   sync.Mutex
 	lastGen uint64
+	applyMu sync.Mutex // one Apply at a time
 
 	mu       sync.Mutex
 	sessions map[*session]struct{}
@@ -66,9 +66,20 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 	if err != nil {
 		return nil, fmt.Errorf("token: %w", err)
 	}
-	return &Agent{cfg: cfg, log: log, token: tok, MinVersion: tunnel.MinVersion,
-		MaxVersion: tunnel.MaxVersion, sessions: map[*session]struct{}{}}, nil
+	a := &Agent{log: log, MinVersion: tunnel.MinVersion,
+		MaxVersion: tunnel.MaxVersion, sessions: map[*session]struct{}{}}
+	a.live.Store(&liveConfig{Config: cfg, token: tok})
+	return a, nil
 }
+
+// liveConfig is the configuration in force and its token.
+type liveConfig struct {
+	Config
+	token string
+}
+
+// conf returns the configuration in force.
+func (a *Agent) conf() *liveConfig { return a.live.Load() }
 
 // session is one tunnel session of the agent.
 type session struct {
@@ -76,7 +87,8 @@ type session struct {
 	id        string
 	gen       uint64
 	server    string
-	exposed   map[registry.Key]tunnel.Target
+	local     netip.Addr                                     // this host's address towards the server
+	exposed   atomic.Pointer[map[registry.Key]tunnel.Target] // replaced on reload
 	routes    []tunnel.RouteInfo
 	streams   atomic.Int64
 	active    sync.WaitGroup // open streams
@@ -109,11 +121,11 @@ func newSessionID() string {
 // jitter over an exponential ceiling starting at 250 ms.
 func (a *Agent) backoff(n int) time.Duration {
 	ceil := 250 * time.Millisecond
-	for i := 0; i < n && ceil < a.cfg.BackoffMax; i++ {
+	for i := 0; i < n && ceil < a.conf().BackoffMax; i++ {
 		ceil *= 2
 	}
-	if ceil > a.cfg.BackoffMax {
-		ceil = a.cfg.BackoffMax
+	if ceil > a.conf().BackoffMax {
+		ceil = a.conf().BackoffMax
 	}
 	return time.Duration(rand.Int64N(int64(ceil) + 1))
 }
@@ -149,8 +161,8 @@ func (a *Agent) Reload() {
 // routes, stops taking streams, waits up to the grace period (or until
 // hard is cancelled) for open ones, and returns nil.
 func (a *Agent) Run(ctx, hard context.Context) error {
-	if a.cfg.Admin != "" {
-		srv, err := admin.Listen(a.cfg.Admin, a.adminHandler(), a.log)
+	if a.conf().Admin != "" {
+		srv, err := admin.Listen(a.conf().Admin, a.adminHandler(), a.log)
 		if err != nil {
 			return fmt.Errorf("admin listener: %w", err)
 		}
@@ -226,8 +238,8 @@ func (a *Agent) wait(ctx context.Context, s *session) end {
 // first session established.
 func (a *Agent) connect(ctx context.Context, next *int) (*session, error) {
 	var errs []error
-	for range a.cfg.Servers {
-		addr := a.cfg.Servers[*next%len(a.cfg.Servers)]
+	for range a.conf().Servers {
+		addr := a.conf().Servers[*next%len(a.conf().Servers)]
 		*next++
 		s, err := a.dial(ctx, addr)
 		if err == nil {
@@ -245,17 +257,19 @@ func (a *Agent) connect(ctx context.Context, next *int) (*session, error) {
 }
 
 func (a *Agent) dial(ctx context.Context, addr string) (*session, error) {
-	d := net.Dialer{Timeout: a.cfg.ConnectTimeout}
+	d := net.Dialer{Timeout: a.conf().ConnectTimeout}
 	conn, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return nil, err
 	}
-	exposed, targets := a.resolveTargets(conn)
-	s := &session{id: newSessionID(), gen: a.nextGen(), server: addr, exposed: exposed,
+	local := localAddr(conn)
+	exposed, targets := resolveTargets(a.conf().Targets, local)
+	s := &session{id: newSessionID(), gen: a.nextGen(), server: addr, local: local,
 		moveCh: make(chan struct{}), withdrawn: make(chan struct{})}
-	hello := &tunnel.Hello{MinVersion: a.MinVersion, MaxVersion: a.MaxVersion, AgentID: a.cfg.AgentID,
-		Token: a.token, SessionID: s.id, Generation: s.gen, Targets: targets}
-	ts, welcome, err := tunnel.ClientHandshake(conn, hello, a.cfg.Tunnel)
+	s.exposed.Store(&exposed)
+	hello := &tunnel.Hello{MinVersion: a.MinVersion, MaxVersion: a.MaxVersion, AgentID: a.conf().AgentID,
+		Token: a.conf().token, SessionID: s.id, Generation: s.gen, Targets: targets}
+	ts, welcome, err := tunnel.ClientHandshake(conn, hello, a.conf().Tunnel)
 	if err != nil {
 		return nil, err
 	}
@@ -279,16 +293,21 @@ func (a *Agent) dial(ctx context.Context, addr string) (*session, error) {
 	return s, nil
 }
 
-// resolveTargets fills unspecified target IPs with the source address of
-// conn (this host's address on its route to the server).
-func (a *Agent) resolveTargets(conn net.Conn) (map[registry.Key]tunnel.Target, []tunnel.Target) {
-	var local netip.Addr
+// localAddr is conn's local IP: this host's address on its route to the
+// server.
+func localAddr(conn net.Conn) netip.Addr {
 	if ap, err := netip.ParseAddrPort(conn.LocalAddr().String()); err == nil {
-		local = ap.Addr().Unmap()
+		return ap.Addr().Unmap()
 	}
-	exposed := make(map[registry.Key]tunnel.Target, len(a.cfg.Targets))
-	targets := make([]tunnel.Target, 0, len(a.cfg.Targets))
-	for _, tc := range a.cfg.Targets {
+	return netip.Addr{}
+}
+
+// resolveTargets turns configured targets into wire targets, filling an
+// unspecified IP with local.
+func resolveTargets(cfg []TargetConfig, local netip.Addr) (map[registry.Key]tunnel.Target, []tunnel.Target) {
+	exposed := make(map[registry.Key]tunnel.Target, len(cfg))
+	targets := make([]tunnel.Target, 0, len(cfg))
+	for _, tc := range cfg {
 		t, _ := tc.parse() // validated
 		if t.Addr.Addr().IsUnspecified() {
 			t.Addr = netip.AddrPortFrom(local, t.Addr.Port())
@@ -384,10 +403,10 @@ func (a *Agent) handleStream(s *session, st net.Conn) {
 		_, _ = st.Write([]byte{byte(status)})
 		st.Close()
 	}
-	if n := s.streams.Add(1); n > int64(a.cfg.Tunnel.MaxStreams) {
+	if n := s.streams.Add(1); n > int64(a.conf().Tunnel.MaxStreams) {
 		s.streams.Add(-1)
 		a.Stats.StreamsAtCap.Add(1)
-		a.log.Warn("stream limit reached; stream refused", "session", s.id, "limit", a.cfg.Tunnel.MaxStreams)
+		a.log.Warn("stream limit reached; stream refused", "session", s.id, "limit", a.conf().Tunnel.MaxStreams)
 		refuse(tunnel.StatusBusy)
 		return
 	}
@@ -406,7 +425,7 @@ func (a *Agent) handleStream(s *session, st net.Conn) {
 	}
 	key := registry.Key{Network: hdr.Target.Network, Addr: hdr.Target.Addr}
 	log := a.log.With("target", key.String(), "client", hdr.Client)
-	t, ok := s.exposed[key]
+	t, ok := (*s.exposed.Load())[key]
 	if !ok {
 		a.Stats.NotExposed.Add(1)
 		log.Warn("server asked for a target this agent does not expose; refused")
@@ -418,7 +437,7 @@ func (a *Agent) handleStream(s *session, st net.Conn) {
 		refuse(tunnel.StatusStale)
 		return
 	}
-	d := net.Dialer{Timeout: a.cfg.DialTimeout}
+	d := net.Dialer{Timeout: a.conf().DialTimeout}
 	conn, err := d.Dial("tcp", t.Addr.String())
 	if err != nil {
 		a.Stats.DialFailures.Add(1)
@@ -440,7 +459,7 @@ func (a *Agent) handleStream(s *session, st net.Conn) {
 	a.Stats.StreamsOpen.Add(1)
 	a.Stats.StreamsTotal.Add(1)
 	defer a.Stats.StreamsOpen.Add(-1)
-	res := tunnel.SpliceCounted(conn, st, a.cfg.IdleTimeout, &a.Stats.Bytes)
+	res := tunnel.SpliceCounted(conn, st, a.conf().IdleTimeout, &a.Stats.Bytes)
 	if res.Aborted {
 		log.Debug("connection aborted", "err", res.Err, "up", res.Up, "down", res.Down)
 	}
@@ -455,7 +474,7 @@ func (a *Agent) retire(s *session, why string) {
 		defer a.wg.Done()
 		done := make(chan struct{})
 		go func() { s.active.Wait(); close(done) }()
-		t := time.NewTimer(a.cfg.DrainGrace)
+		t := time.NewTimer(a.conf().DrainGrace)
 		defer t.Stop()
 		select {
 		case <-done:
@@ -478,7 +497,7 @@ func (a *Agent) drain(hard context.Context) {
 		ss = append(ss, s)
 	}
 	a.mu.Unlock()
-	a.log.Info("draining", "sessions", len(ss), "grace", a.cfg.DrainGrace)
+	a.log.Info("draining", "sessions", len(ss), "grace", a.conf().DrainGrace)
 	for _, s := range ss {
 		if err := s.ts.Send(&tunnel.Control{Type: tunnel.MsgWithdraw}); err == nil {
 			t := time.NewTimer(2 * time.Second)
@@ -498,7 +517,7 @@ func (a *Agent) drain(hard context.Context) {
 		}
 		close(all)
 	}()
-	t := time.NewTimer(a.cfg.DrainGrace)
+	t := time.NewTimer(a.conf().DrainGrace)
 	defer t.Stop()
 	select {
 	case <-all:
@@ -511,4 +530,80 @@ func (a *Agent) drain(hard context.Context) {
 	}
 	a.wg.Wait()
 	a.log.Info("stopped")
+}
+
+// Apply takes a new configuration (SIGHUP, after it loaded and validated).
+// Targets change live on every session, the tunnel and open connections
+// untouched: removed targets refuse new streams at once and are withdrawn
+// from the server (remove), new ones are claimed (add; the server answers
+// with the routes made or refused, logged). Servers, timeouts, backoff and
+// the token apply from the next connection. The agent id, the tunnel
+// settings and the admin listener need a restart: changing them is
+// refused, and the running configuration stays.
+func (a *Agent) Apply(cfg *Config) error {
+	a.applyMu.Lock()
+	defer a.applyMu.Unlock()
+	cur := a.conf()
+	switch {
+	case cfg.AgentID != cur.AgentID:
+		return fmt.Errorf("agent_id %q -> %q: restart the agent to change its identity", cur.AgentID, cfg.AgentID)
+	case cfg.Tunnel != cur.Tunnel:
+		return errors.New("tunnel settings changed: restart the agent to apply them")
+	case cfg.Admin != cur.Admin:
+		return errors.New("admin listener changed: restart the agent to apply it")
+	}
+	tok, err := cfg.Token.Read()
+	if err != nil {
+		return fmt.Errorf("token: %w", err)
+	}
+	a.live.Store(&liveConfig{Config: *cfg, token: tok})
+	a.mu.Lock()
+	ss := make([]*session, 0, len(a.sessions))
+	for s := range a.sessions {
+		ss = append(ss, s)
+	}
+	a.mu.Unlock()
+	for _, s := range ss {
+		a.retarget(s, cfg.Targets)
+	}
+	return nil
+}
+
+// retarget brings a session's targets to cfg: remove, then add.
+func (a *Agent) retarget(s *session, cfg []TargetConfig) {
+	old := *s.exposed.Load()
+	next, _ := resolveTargets(cfg, s.local)
+	var added, removed []tunnel.Target
+	for k, t := range next {
+		if _, ok := old[k]; !ok {
+			added = append(added, t)
+		}
+	}
+	for k, t := range old {
+		if _, ok := next[k]; !ok {
+			removed = append(removed, t)
+		}
+	}
+	if len(added)+len(removed) == 0 {
+		return
+	}
+	// New streams see the new set from now on; open ones go on.
+	s.exposed.Store(&next)
+	log := a.log.With("session", s.id, "server", s.server)
+	if len(removed) > 0 {
+		if err := s.ts.Send(&tunnel.Control{Type: tunnel.MsgRemove, Targets: removed}); err != nil {
+			log.Warn("reload: could not withdraw removed targets; the session will be replaced", "err", err)
+		}
+		for _, t := range removed {
+			log.Info("reload: target removed", "target", t.String())
+		}
+	}
+	if len(added) > 0 {
+		if err := s.ts.Send(&tunnel.Control{Type: tunnel.MsgAdd, Targets: added}); err != nil {
+			log.Warn("reload: could not add targets; the session will be replaced", "err", err)
+		}
+		for _, t := range added {
+			log.Info("reload: target added", "target", t.String())
+		}
+	}
 }

@@ -24,7 +24,8 @@ func TestBackoff(t *testing.T) {
 		{time.Second, []time.Duration{250 * time.Millisecond, 500 * time.Millisecond, time.Second}},
 		{100 * time.Millisecond, []time.Duration{100 * time.Millisecond}},
 	} {
-		a := &Agent{cfg: Config{BackoffMax: tc.max}}
+		a := &Agent{}
+		a.live.Store(&liveConfig{Config: Config{BackoffMax: tc.max}})
 		for n := 0; n < len(tc.ceils)+3; n++ {
 			ceil := tc.ceils[min(n, len(tc.ceils)-1)]
 			lo, hi := time.Duration(1<<62), time.Duration(-1)
@@ -46,7 +47,8 @@ func TestBackoff(t *testing.T) {
 		}
 	}
 	// A huge attempt count neither overflows nor exceeds the cap.
-	a := &Agent{cfg: Config{BackoffMax: 15 * time.Second}}
+	a := &Agent{}
+	a.live.Store(&liveConfig{Config: Config{BackoffMax: 15 * time.Second}})
 	for range 100 {
 		if d := a.backoff(1 << 30); d < 0 || d > 15*time.Second {
 			t.Fatalf("backoff(1<<30) = %v", d)
@@ -147,8 +149,7 @@ func TestResolveTargetsFillsLocalIP(t *testing.T) {
 			if err := config.Parse([]byte(yaml), &cfg); err != nil {
 				t.Fatal(err)
 			}
-			a := &Agent{cfg: cfg}
-			exposed, targets := a.resolveTargets(conn)
+			exposed, targets := resolveTargets(cfg.Targets, localAddr(conn))
 			want := []struct {
 				network string
 				addr    netip.AddrPort

@@ -79,11 +79,47 @@ func Main[C config.Validator](name string, args []string, stdout, stderr io.Writ
 		log.Error("cannot start", "err", err)
 		return 1
 	}
-	if err := RunDaemon(d, log); err != nil {
+	reload := func() {
+		next := newConfig()
+		if err := config.Load(f.Config, next); err != nil {
+			log.Error("reload refused: the new configuration has errors; the running one stays",
+				"config", f.Config, "err", err)
+			return
+		}
+		a, ok := unwrap(d).(Applier[C])
+		if !ok {
+			d.Reload()
+			return
+		}
+		if err := a.Apply(next); err != nil {
+			log.Error("reload refused; the running configuration stays", "config", f.Config, "err", err)
+			return
+		}
+		log.Info("configuration reloaded", "config", f.Config)
+	}
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	defer signal.Stop(sigs)
+	if err := runDaemonReload(d, log, sigs, reload); err != nil {
 		log.Error("stopped with error", "err", err)
 		return 1
 	}
 	return 0
+}
+
+// Applier is a daemon that takes a new configuration on SIGHUP (after it
+// loaded and validated): it applies what it can live and returns an error,
+// keeping the running configuration, for what it cannot.
+type Applier[C any] interface {
+	Apply(cfg C) error
+}
+
+// unwrap returns the daemon inside WithCloser.
+func unwrap(d Daemon) Daemon {
+	if c, ok := d.(closing); ok {
+		return unwrap(c.Daemon)
+	}
+	return d
 }
 
 // RunDaemon runs d with two-phase signal handling: the first SIGINT or
@@ -101,6 +137,11 @@ func RunDaemon(d Daemon, log *slog.Logger) error {
 
 // runDaemon is RunDaemon with the signals coming from sigs.
 func runDaemon(d Daemon, log *slog.Logger, sigs <-chan os.Signal) error {
+	return runDaemonReload(d, log, sigs, d.Reload)
+}
+
+// runDaemonReload is runDaemon calling reload on SIGHUP.
+func runDaemonReload(d Daemon, log *slog.Logger, sigs <-chan os.Signal, reload func()) error {
 	n := &notifier{log: log}
 	live := livenessOf(d)
 	d, ready := withReady(d)
@@ -146,7 +187,7 @@ func runDaemon(d Daemon, log *slog.Logger, sigs <-chan os.Signal) error {
 				if tell {
 					n.send(daemon.SdNotifyReloading, monotonicUsec(), statusLine("reloading"))
 				}
-				d.Reload()
+				reload()
 				if tell {
 					n.send(daemon.SdNotifyReady, statusLine("running"))
 				}

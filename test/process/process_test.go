@@ -187,6 +187,49 @@ func testFlagsAndReload(t *testing.T, bin string) {
 	if s.proxyserver.Exited() {
 		t.Fatalf("proxyserver exited after SIGHUP: %v", s.proxyserver.Err())
 	}
+
+	// The agent reloads its targets on SIGHUP; a broken file is refused
+	// with a message naming the key, and the running configuration stays.
+	agentCfg := filepath.Join(cfgDir, "agent.yaml")
+	good, err := os.ReadFile(agentCfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(agentCfg, append(good, []byte("bogus_key: 1\n")...), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s.agent.Signal(t, syscall.SIGHUP)
+	testutil.Eventually(t, 5*time.Second, "agent refuses the broken reload", func() bool {
+		return s.agent.Log.Contains("reload refused") && s.agent.Log.Contains("bogus_key")
+	})
+	if out := curlSOCKS(t, ports.socks, ports.target); !strings.Contains(out, pageText) {
+		t.Fatalf("curl through socks5d after a refused reload: %s", out)
+	}
+	extra := testutil.FreePort(t)
+	added := strings.Replace(string(good), "targets:\n", fmt.Sprintf("targets:\n  - addr: 127.0.0.1:%d\n", extra), 1)
+	if added == string(good) {
+		t.Fatal("configs/demo/agent.yaml has no targets: list to extend")
+	}
+	if err := os.WriteFile(agentCfg, []byte(added), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s.agent.Signal(t, syscall.SIGHUP)
+	want := fmt.Sprintf("127.0.0.1:%d", extra)
+	testutil.Eventually(t, 10*time.Second, "the added target's route", func() bool {
+		rs, err := s.routes()
+		for _, r := range rs {
+			if err == nil && r.Target == want {
+				return true
+			}
+		}
+		return false
+	})
+	if !s.agent.Log.Contains("configuration reloaded") || s.agent.Log.Contains("tunnel lost") {
+		t.Fatalf("agent log after the reload:\n%s", s.agent.Log)
+	}
+	if out := curlSOCKS(t, ports.socks, ports.target); !strings.Contains(out, pageText) {
+		t.Fatalf("curl through socks5d after the reload: %s", out)
+	}
 }
 
 // --- configs --------------------------------------------------------------
