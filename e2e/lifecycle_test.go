@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -17,6 +18,7 @@ import (
 	"github.com/vpcreach/vpcreach/internal/socks"
 	"github.com/vpcreach/vpcreach/internal/testutil"
 	"github.com/vpcreach/vpcreach/registry"
+	"github.com/vpcreach/vpcreach/tunnel"
 )
 
 // echoOnce writes msg on c and expects it back.
@@ -82,6 +84,9 @@ func TestServerRestart(t *testing.T) {
 	echoOnce(t, c, "after")
 }
 
+// An agent one protocol version behind (2: token in the hello) works with
+// this server; two versions behind is refused with a reason by the
+// default min_agent_version.
 func TestOldProtocolVersionAgent(t *testing.T) {
 	echo := testutil.EchoTarget(t)
 	reg := registry.NewMemory(nil)
@@ -89,18 +94,27 @@ func TestOldProtocolVersionAgent(t *testing.T) {
 	startAgent(t, []string{srv.ControlAddr().String()}, []string{echo}, nil,
 		func(_ *agent.Config, a *agent.Agent) {
 			if a != nil {
-				a.MaxVersion = 1
+				a.MaxVersion = tunnel.Version2
 			}
 		})
 	waitRoute(t, reg, echo, "")
-	if ag := srv.Agents(); len(ag) != 1 || ag[0].Version != 1 {
-		t.Fatalf("agents %+v: want one session on protocol version 1", ag)
+	testutil.Eventually(t, 5*time.Second, "session listed", func() bool { return len(srv.Agents()) == 1 })
+	if ag := srv.Agents(); len(ag) != 1 || ag[0].Version != tunnel.Version2 {
+		t.Fatalf("agents %+v: want one session on protocol version 2", ag)
 	}
 	c, rep := socksConnect(t, srv.SocksAddr().String(), echo)
 	if rep != repSuccess {
 		t.Fatalf("reply %d", rep)
 	}
 	echoOnce(t, c, "old agent")
+
+	conn := dialControl(t, srv.ControlAddr().String())
+	h := hello(testToken, echo)
+	h.MinVersion, h.MaxVersion = tunnel.Version1, tunnel.Version1
+	_, _, err := tunnel.ClientHandshake(conn, h, tunnel.Settings{})
+	if ref, ok := tunnel.IsRefusal(err); !ok || ref.Code != tunnel.RefuseVersion || !strings.Contains(ref.Reason, "minimum") {
+		t.Fatalf("a version 1 agent: %v; want a version refusal naming the minimum", err)
+	}
 }
 
 func TestStreamsReturnToBaseline(t *testing.T) {

@@ -15,8 +15,10 @@ import (
 	"github.com/vpcreach/vpcreach/tunnel"
 )
 
+// hello is a version-2 hello, which carries its token (raw tests play an
+// agent by hand; version 3's challenge is in TestHelloV3Challenge).
 func hello(token string, targets ...string) *tunnel.Hello {
-	h := &tunnel.Hello{MinVersion: tunnel.MinVersion, MaxVersion: tunnel.MaxVersion, AgentID: "raw-agent",
+	h := &tunnel.Hello{MinVersion: tunnel.Version2, MaxVersion: tunnel.Version2, AgentID: "raw-agent",
 		Token: token, SessionID: "raw-session", Generation: uint64(time.Now().UnixNano())}
 	for _, tg := range targets {
 		h.Targets = append(h.Targets, tunnel.Target{Addr: netip.MustParseAddrPort(tg)})

@@ -23,9 +23,14 @@ const (
 	Version1 = 1
 	// Version2 adds the originating client address to each stream header,
 	// so that the agent's logs name the real client.
-	Version2   = 2
+	Version2 = 2
+	// Version3 authenticates by challenge: the hello carries no token; the
+	// server answers a fresh nonce and the agent proves it holds the token
+	// with an HMAC over the nonce and its hello, so a captured hello cannot
+	// be replayed. Stream headers are those of version 2.
+	Version3   = 3
 	MinVersion = Version1
-	MaxVersion = Version2
+	MaxVersion = Version3
 )
 
 // Magic opens every tunnel connection, before the hello frame.
@@ -70,14 +75,27 @@ func (t Target) String() string {
 
 // Hello is the first message of a tunnel, agent to server.
 type Hello struct {
-	MinVersion int      `json:"min_version"`
-	MaxVersion int      `json:"max_version"`
-	AgentID    string   `json:"agent_id"`
-	Token      string   `json:"token,omitempty"`
+	MinVersion int    `json:"min_version"`
+	MaxVersion int    `json:"max_version"`
+	AgentID    string `json:"agent_id"`
+	// Token is the version 1-2 credential, sent as such; version 3
+	// leaves it empty and sets Auth.
+	Token string `json:"token,omitempty"`
+	// Auth names the proof the agent offers: AuthHMAC (answer a challenge
+	// with HMAC-SHA256 keyed by the token), or empty (no token: the
+	// client certificate alone, or an insecure server).
+	Auth       string   `json:"auth,omitempty"`
 	SessionID  string   `json:"session_id"`
 	Generation uint64   `json:"generation"`
 	Targets    []Target `json:"targets"`
+
+	// Secret is the agent's token, never sent: ClientHandshake uses it to
+	// answer a challenge.
+	Secret string `json:"-"`
 }
+
+// AuthHMAC is the challenge-response proof of version 3.
+const AuthHMAC = "hmac-sha256"
 
 // RouteInfo describes one route a server made for a target.
 type RouteInfo struct {
@@ -111,9 +129,23 @@ const (
 // Answer is the server's reply to a hello: exactly one of Welcome and
 // Refusal is set.
 type Answer struct {
-	Welcome *Welcome `json:"welcome,omitempty"`
-	Refusal *Refusal `json:"refusal,omitempty"`
+	Welcome   *Welcome   `json:"welcome,omitempty"`
+	Refusal   *Refusal   `json:"refusal,omitempty"`
+	Challenge *Challenge `json:"challenge,omitempty"`
 }
+
+// Challenge asks a version-3 agent to prove it holds its token.
+type Challenge struct {
+	Nonce []byte `json:"nonce"` // NonceSize random bytes, fresh per connection
+}
+
+// Proof answers a Challenge.
+type Proof struct {
+	MAC []byte `json:"mac"`
+}
+
+// NonceSize is the size of a challenge nonce.
+const NonceSize = 32
 
 // Refusal ends a session, with a reason.
 type Refusal struct {

@@ -75,6 +75,21 @@ func ClientHandshake(conn net.Conn, h *Hello, set Settings) (*Session, *Welcome,
 		conn.Close()
 		return nil, nil, fmt.Errorf("read answer: %w", err)
 	}
+	if ans.Challenge != nil { // version 3: prove the token, then the answer
+		if err := answerChallenge(conn, h, ans.Challenge, set.HelloTimeout); err != nil {
+			conn.Close()
+			return nil, nil, err
+		}
+		ans = Answer{}
+		if err := ReadFrame(conn, MaxHelloSize, &ans); err != nil {
+			conn.Close()
+			return nil, nil, fmt.Errorf("read answer: %w", err)
+		}
+		if ans.Challenge != nil {
+			conn.Close()
+			return nil, nil, fmt.Errorf("%w: a second challenge", ErrProtocol)
+		}
+	}
 	if ans.Refusal != nil {
 		conn.Close()
 		return nil, nil, ans.Refusal

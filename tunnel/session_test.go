@@ -77,7 +77,8 @@ func TestHandshake(t *testing.T) {
 		{"both versions", 1, 2, 2},
 		{"v1 only", 1, 1, 1},
 		{"v2 only", 2, 2, 2},
-		{"newer agent", 1, 5, 2},
+		{"v3 only", 3, 3, 3},
+		{"newer agent", 1, 5, 3},
 	} {
 		for _, transport := range []string{"tcp", "pipe"} {
 			t.Run(tc.name+"/"+transport, func(t *testing.T) {
@@ -137,7 +138,7 @@ func TestHandshakeNoCommonVersion(t *testing.T) {
 	a, s := tcpPair(t)
 	srv := serveOne(s, testSettings(), nil)
 	h := validHello()
-	h.MinVersion, h.MaxVersion = 3, 4
+	h.MinVersion, h.MaxVersion = MaxVersion+1, MaxVersion+2
 	sess, _, err := ClientHandshake(a, &h, testSettings())
 	r := <-srv
 	if sess != nil {

@@ -96,6 +96,9 @@ func (s Settings) yamux() *yamux.Config {
 
 // prepareSocket sets the liveness options on a tunnel socket.
 func (s Settings) prepareSocket(c net.Conn) {
+	if tc, ok := c.(interface{ NetConn() net.Conn }); ok { // TLS: the socket underneath
+		c = tc.NetConn()
+	}
 	netx.KeepAlive(c, s.KeepAlive, s.KeepAlive/2, 3)
 	_ = netx.UserTimeout(c, s.UserTimeout)
 }

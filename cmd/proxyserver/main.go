@@ -10,6 +10,7 @@ import (
 	"github.com/vpcreach/vpcreach/internal/cli"
 	"github.com/vpcreach/vpcreach/internal/config"
 	"github.com/vpcreach/vpcreach/internal/server"
+	"github.com/vpcreach/vpcreach/internal/statuspage"
 )
 
 func main() {
@@ -17,6 +18,8 @@ func main() {
 		func() *server.Config { return &server.Config{} },
 		func(c *server.Config) config.Log { return c.Log },
 		func(c *server.Config, log *slog.Logger) (cli.Daemon, error) {
+			// The status page shows the last warnings and errors.
+			log = slog.New(statuspage.NewRecent(log.Handler(), statuspage.DefaultRecent))
 			reg, err := c.Registry.Open(log)
 			if err != nil {
 				return nil, err

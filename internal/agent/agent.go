@@ -5,6 +5,7 @@ package agent
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -62,20 +63,58 @@ type Agent struct {
 
 // New builds an agent from a validated config.
 func New(cfg Config, log *slog.Logger) (*Agent, error) {
-	tok, err := cfg.Token.Read()
+	lc, err := loadLive(cfg)
 	if err != nil {
-		return nil, fmt.Errorf("token: %w", err)
+		return nil, err
 	}
 	a := &Agent{log: log, MinVersion: tunnel.MinVersion,
 		MaxVersion: tunnel.MaxVersion, sessions: map[*session]struct{}{}}
-	a.live.Store(&liveConfig{Config: cfg, token: tok})
+	a.live.Store(lc)
 	return a, nil
 }
 
-// liveConfig is the configuration in force and its token.
+// liveConfig is the configuration in force, its token and TLS settings.
 type liveConfig struct {
 	Config
 	token string
+	tls   *tls.Config // nil: plain TCP
+}
+
+// loadLive reads the files a configuration names.
+func loadLive(cfg Config) (*liveConfig, error) {
+	lc := &liveConfig{Config: cfg}
+	if cfg.Token.IsSet() {
+		tok, err := cfg.Token.Read()
+		if err != nil {
+			return nil, fmt.Errorf("token: %w", err)
+		}
+		lc.token = tok
+	}
+	if cfg.TLS != nil {
+		tc, err := cfg.TLS.Config()
+		if err != nil {
+			return nil, fmt.Errorf("tls: %w", err)
+		}
+		tc.MinVersion = tls.VersionTLS13
+		if tc.ServerName == "" {
+			tc.ServerName = serverName(cfg.Servers)
+		}
+		lc.tls = tc
+	}
+	return lc, nil
+}
+
+// serverName is the host of the first server address: the name the
+// server's certificate is checked against unless tls.server_name says.
+func serverName(servers []string) string {
+	if len(servers) == 0 {
+		return ""
+	}
+	host, _, err := net.SplitHostPort(servers[0])
+	if err != nil {
+		return servers[0]
+	}
+	return host
 }
 
 // conf returns the configuration in force.
@@ -92,6 +131,8 @@ type session struct {
 	routes    []tunnel.RouteInfo
 	streams   atomic.Int64
 	active    sync.WaitGroup // open streams
+	activeMu  sync.Mutex     // orders active.Add against closing
+	closing   bool           // no new stream is counted in active after this
 	moveCh    chan struct{}  // closed on a move request
 	moveMu    sync.Once
 	withdrawn chan struct{} // closed when the server confirms a withdraw
@@ -267,9 +308,28 @@ func (a *Agent) dial(ctx context.Context, addr string) (*session, error) {
 	s := &session{id: newSessionID(), gen: a.nextGen(), server: addr, local: local,
 		moveCh: make(chan struct{}), withdrawn: make(chan struct{})}
 	s.exposed.Store(&exposed)
-	hello := &tunnel.Hello{MinVersion: a.MinVersion, MaxVersion: a.MaxVersion, AgentID: a.conf().AgentID,
-		Token: a.conf().token, SessionID: s.id, Generation: s.gen, Targets: targets}
-	ts, welcome, err := tunnel.ClientHandshake(conn, hello, a.conf().Tunnel)
+	cf := a.conf()
+	if cf.tls != nil {
+		tc := tls.Client(conn, cf.tls.Clone())
+		hctx, cancel := context.WithTimeout(ctx, cf.Tunnel.WithDefaults().HelloTimeout)
+		err := tc.HandshakeContext(hctx)
+		cancel()
+		if err != nil {
+			conn.Close()
+			return nil, fmt.Errorf("tls: %w", err)
+		}
+		conn = tc
+	}
+	hello := &tunnel.Hello{MinVersion: a.MinVersion, MaxVersion: a.MaxVersion, AgentID: cf.AgentID,
+		SessionID: s.id, Generation: s.gen, Targets: targets, Secret: cf.token}
+	switch {
+	case cf.token == "":
+	case a.MaxVersion >= tunnel.Version3:
+		hello.Auth = tunnel.AuthHMAC // the token is proven, never sent
+	default:
+		hello.Token = cf.token // an older protocol (tests play old agents)
+	}
+	ts, welcome, err := tunnel.ClientHandshake(conn, hello, cf.Tunnel)
 	if err != nil {
 		return nil, err
 	}
@@ -328,7 +388,13 @@ func (a *Agent) acceptLoop(s *session) {
 			a.endSession(s)
 			return
 		}
-		s.active.Add(1)
+		if !s.startStream() {
+			// The session is draining or retiring: no new stream.
+			_ = st.SetWriteDeadline(time.Now().Add(time.Second))
+			_, _ = st.Write([]byte{byte(tunnel.StatusDraining)})
+			st.Close()
+			continue
+		}
 		a.wg.Add(1)
 		go func() {
 			defer a.wg.Done()
@@ -336,6 +402,27 @@ func (a *Agent) acceptLoop(s *session) {
 			a.handleStream(s, st)
 		}()
 	}
+}
+
+// startStream counts a new stream in s.active, unless the session stopped
+// taking streams.
+func (s *session) startStream() bool {
+	s.activeMu.Lock()
+	defer s.activeMu.Unlock()
+	if s.closing {
+		return false
+	}
+	s.active.Add(1)
+	return true
+}
+
+// waitStreams stops the session taking new streams and waits for the open
+// ones.
+func (s *session) waitStreams() {
+	s.activeMu.Lock()
+	s.closing = true
+	s.activeMu.Unlock()
+	s.active.Wait()
 }
 
 func (a *Agent) endSession(s *session) {
@@ -473,7 +560,7 @@ func (a *Agent) retire(s *session, why string) {
 	go func() {
 		defer a.wg.Done()
 		done := make(chan struct{})
-		go func() { s.active.Wait(); close(done) }()
+		go func() { s.waitStreams(); close(done) }()
 		t := time.NewTimer(a.conf().DrainGrace)
 		defer t.Stop()
 		select {
@@ -513,7 +600,7 @@ func (a *Agent) drain(hard context.Context) {
 	all := make(chan struct{})
 	go func() {
 		for _, s := range ss {
-			s.active.Wait()
+			s.waitStreams()
 		}
 		close(all)
 	}()
@@ -537,7 +624,7 @@ func (a *Agent) drain(hard context.Context) {
 // untouched: removed targets refuse new streams at once and are withdrawn
 // from the server (remove), new ones are claimed (add; the server answers
 // with the routes made or refused, logged). Servers, timeouts, backoff and
-// the token apply from the next connection. The agent id, the tunnel
+// the token and the TLS files (rotation) apply from the next connection. The agent id, the tunnel
 // settings and the admin listener need a restart: changing them is
 // refused, and the running configuration stays.
 func (a *Agent) Apply(cfg *Config) error {
@@ -552,11 +639,11 @@ func (a *Agent) Apply(cfg *Config) error {
 	case cfg.Admin != cur.Admin:
 		return errors.New("admin listener changed: restart the agent to apply it")
 	}
-	tok, err := cfg.Token.Read()
+	lc, err := loadLive(*cfg)
 	if err != nil {
-		return fmt.Errorf("token: %w", err)
+		return err
 	}
-	a.live.Store(&liveConfig{Config: *cfg, token: tok})
+	a.live.Store(lc)
 	a.mu.Lock()
 	ss := make([]*session, 0, len(a.sessions))
 	for s := range a.sessions {

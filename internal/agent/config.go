@@ -19,8 +19,14 @@ type Config struct {
 	// Servers are the proxy cluster's addresses (the VIP), host:port,
 	// tried in turn.
 	Servers []string `yaml:"servers"`
-	// Token is the shared agent token.
+	// Token is the agent's token (shared, or its own with per-agent
+	// tokens). Proven by challenge, never sent. Optional with a client
+	// certificate (mutual TLS).
 	Token config.Secret `yaml:"token"`
+	// TLS connects with TLS 1.3 and verifies the server's certificate
+	// (ca_file, server_name: default the first server's host); cert_file
+	// and key_file are the client certificate for mutual TLS.
+	TLS *config.TLSFiles `yaml:"tls"`
 	// Targets are the addresses this agent exposes, and the only ones it
 	// ever dials.
 	Targets []TargetConfig `yaml:"targets"`
@@ -70,10 +76,18 @@ func (c *Config) Validate() error {
 			p.Addf(fmt.Sprintf("servers[%d]", i), "%v", err)
 		}
 	}
-	if !c.Token.IsSet() {
-		p.Addf("token", "required: token.file or token.env")
-	} else if _, err := c.Token.Read(); err != nil {
-		p.Addf("token", "%v", err)
+	switch {
+	case c.Token.IsSet():
+		if _, err := c.Token.Read(); err != nil {
+			p.Addf("token", "%v", err)
+		}
+	case c.TLS == nil || c.TLS.CertFile == "":
+		p.Addf("token", "required (token.file or token.env) unless tls has a client certificate")
+	}
+	if c.TLS != nil {
+		if _, err := c.TLS.Config(); err != nil {
+			p.Addf("tls", "%v", err)
+		}
 	}
 	if len(c.Targets) == 0 {
 		p.Addf("targets", "required: at least one target")

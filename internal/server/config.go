@@ -50,8 +50,27 @@ type Config struct {
 	Registry config.Registry `yaml:"registry"`
 	// Cache tunes the in-process SOCKS5 front end's route cache (redis).
 	Cache socks.CacheConfig `yaml:"cache"`
-	// Token is the shared agent token.
+	// Token is the shared agent token: every agent holding it has one
+	// identity.
 	Token config.Secret `yaml:"token"`
+	// TokensFile names a YAML map of agent id -> token: each agent its
+	// own identity (the agent id). Re-read on SIGHUP.
+	TokensFile string `yaml:"tokens_file"`
+	// TLS puts TLS 1.3 on the control listener; with client_ca_file,
+	// mutual TLS (the identity is the certificate's common name).
+	// Certificate files are re-read on SIGHUP.
+	TLS *ServerTLS `yaml:"tls"`
+	// InsecureNoAuth lets a server without any credential start: every
+	// agent is accepted. For labs only.
+	InsecureNoAuth bool `yaml:"insecure_no_auth"`
+	// MinAgentVersion is the oldest protocol an agent may speak. Version
+	// 2 sends its token in the hello (replayable without TLS); raise it to
+	// 3 once every agent is upgraded. Default 2.
+	MinAgentVersion int `yaml:"min_agent_version"`
+	// Policy lists, per identity, what it may expose; identities not
+	// listed may expose nothing. Without it, every identity may expose
+	// anything. Re-read on SIGHUP; what no longer passes is revoked.
+	Policy []PolicyRule `yaml:"policy"`
 	// Lease is the TTL of registered routes; they are renewed every
 	// Lease/3. Default 15 s.
 	Lease time.Duration `yaml:"lease"`
@@ -109,7 +128,7 @@ func (c *Config) Validate() error {
 		p.Addf("relay_port", "must be a port 0-65535, 0 for any free port (got %d)", c.Relay)
 	}
 	switch {
-	case c.API != "" && c.Admin != "":
+	case c.API != "" && c.Admin != "" && c.API != c.Admin:
 		p.Addf("api", "is the old name of admin: set only admin")
 	case c.API != "":
 		c.Admin = c.API
@@ -126,10 +145,22 @@ func (c *Config) Validate() error {
 		p.Addf("relay_port", "%d lies inside port_range %s", c.Relay, c.Ports)
 	}
 	c.portLo, c.portHi = lo, hi
-	if !c.Token.IsSet() {
-		p.Addf("token", "required: token.file or token.env")
-	} else if _, err := c.Token.Read(); err != nil {
-		p.Addf("token", "%v", err)
+	switch {
+	case c.MinAgentVersion == 0:
+		c.MinAgentVersion = tunnel.Version2
+	case c.MinAgentVersion < tunnel.MinVersion || c.MinAgentVersion > tunnel.MaxVersion:
+		p.Addf("min_agent_version", "must be %d-%d", tunnel.MinVersion, tunnel.MaxVersion)
+	}
+	if c.Token.IsSet() && c.TokensFile != "" {
+		p.Addf("tokens_file", "set token (one shared) or tokens_file (per agent), not both")
+	}
+	if c.TLS != nil && (c.TLS.CertFile == "" || c.TLS.KeyFile == "") {
+		p.Addf("tls", "cert_file and key_file are required")
+	}
+	if a, err := loadAuth(c); err != nil {
+		p.Addf("auth", "%v", err)
+	} else if !a.hasCredential() && !c.InsecureNoAuth {
+		p.Addf("token", "no authentication configured: set token, tokens_file or tls.client_ca_file (or insecure_no_auth: true for a lab)")
 	}
 	c.Registry.Validate(&p, "registry", "memory")
 	c.Cache.Validate(&p)
@@ -165,3 +196,6 @@ func parseRange(s string) (int, int, error) {
 func (c *Config) RelayAddr() netip.AddrPort {
 	return netip.AddrPortFrom(c.advertise, uint16(c.Relay))
 }
+
+// Config returns the configuration the server started with.
+func (s *Server) Config() Config { return s.cfg }

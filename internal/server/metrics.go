@@ -9,6 +9,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/vpcreach/vpcreach/internal/admin"
+	"github.com/vpcreach/vpcreach/internal/statuspage"
 	"github.com/vpcreach/vpcreach/registry"
 	"github.com/vpcreach/vpcreach/tunnel"
 )
@@ -17,7 +18,7 @@ import (
 // address or agent id is ever a label.
 var (
 	refusalReasons = []string{tunnel.RefuseAuth, tunnel.RefuseVersion, tunnel.RefuseProtocol,
-		tunnel.RefuseDraining, tunnel.RefuseLimit, "handshake", "proxy_header"}
+		tunnel.RefuseDraining, tunnel.RefuseLimit, "handshake", "proxy_header", "tls"}
 	dialReasons = []string{"refused", "unreachable", "not exposed", "busy", "bad header", "stale",
 		"no route", "draining", "internal"}
 )
@@ -29,11 +30,15 @@ func (s *Server) refused(reason string) {
 }
 
 // adminHandler is the admin listener: the lookup API plus metrics, health
-// and readiness.
+// and readiness, and the read-only status page on / (statuspage).
 func (s *Server) adminHandler() http.Handler {
 	a := admin.New(s.ready, admin.Check{Name: "registry", Run: s.pingRegistry})
 	s.registerMetrics(a.Reg)
 	a.Mux.Handle("/v1/", s.apiHandler())
+	ui := statuspage.Handler(statuspage.Options{Metrics: a.Reg, Recent: statuspage.RecentOf(s.log), Member: statuspage.Member{ID: s.cfg.ServerID,
+		Control: s.control.Addr().String(), Advertise: s.cfg.advertise.String(), Relay: s.relayAP.String(), Registry: s.cfg.Registry.Type}})
+	a.Mux.Handle("GET /{$}", ui)
+	a.Mux.Handle("GET "+statuspage.Prefix, ui)
 	return a.Mux
 }
 

@@ -44,17 +44,13 @@ func (s *Stats) Snapshot() map[string]int64 {
 	}
 }
 
-// Identity of agents authenticated by the shared token: with one shared
-// token every agent has the same identity.
-const sharedIdentity = "shared-token"
-
 // Server is one proxy server member.
 type Server struct {
 	cfg   Config
 	log   *slog.Logger
 	reg   registry.Registry
 	ports *Ports
-	token string
+	auth  atomic.Pointer[authState] // credentials and policy; swapped on reload
 	Stats Stats
 
 	ctx    context.Context // ends at Close
@@ -91,20 +87,22 @@ type Server struct {
 // New builds a server from a validated config. reg is the route store;
 // the server does not close it.
 func New(cfg Config, reg registry.Registry, log *slog.Logger) (*Server, error) {
-	tok, err := cfg.Token.Read()
+	auth, err := loadAuth(&cfg)
 	if err != nil {
-		return nil, fmt.Errorf("token: %w", err)
+		return nil, err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	rm := newRegMetrics()
 	if _, local := reg.(*registry.Memory); !local {
 		reg = timedRegistry{reg, rm}
 	}
-	s := &Server{cfg: cfg, log: log, reg: reg, token: tok, ctx: ctx, cancel: cancel,
+	s := &Server{cfg: cfg, log: log, reg: reg, ctx: ctx, cancel: cancel,
 		refusals: admin.NewReasons(refusalReasons...), dialFailures: admin.NewReasons(dialReasons...), regMetrics: rm,
 		ports:    NewPorts(cfg.portLo, cfg.portHi, cfg.Quarantine, nil),
 		sessions: map[*agentSession]struct{}{}, routes: map[registry.Key]*route{}, perSource: map[netip.Addr]int{},
 		renewNow: make(chan struct{}, 1), started: make(chan struct{})}
+	s.auth.Store(auth)
+	s.warnAuth(auth)
 	return s, nil
 }
 

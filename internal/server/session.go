@@ -2,6 +2,8 @@ package server
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -28,6 +30,9 @@ type agentSession struct {
 	started  time.Time
 	streams  atomic.Int64
 	routes   map[registry.Key]*route // guarded by Server.mu
+	// What it authenticated with, re-checked when credentials reload.
+	token string
+	cert  *x509.Certificate
 }
 
 // newer reports whether a outranks b (generation, then session id).
@@ -85,6 +90,22 @@ func (s *Server) handleTunnel(conn net.Conn) {
 		return
 	}
 	defer s.releaseSource(remote)
+	auth := s.auth.Load()
+	var cert *x509.Certificate
+	if auth.tls != nil {
+		tc := tls.Server(conn, auth.tls)
+		_ = conn.SetDeadline(time.Now().Add(s.cfg.Tunnel.HelloTimeout))
+		if err := tc.Handshake(); err != nil {
+			s.refused("tls")
+			s.log.Warn("tunnel refused: TLS handshake failed", "remote", remote, "err", err)
+			conn.Close()
+			return
+		}
+		if pcs := tc.ConnectionState().PeerCertificates; len(pcs) > 0 {
+			cert = pcs[0]
+		}
+		conn = tc
+	}
 	hello, err := tunnel.ReadHello(conn, s.cfg.Tunnel)
 	if errors.Is(err, tunnel.ErrNoHello) {
 		// Closed before a byte: a TCP health check, or a port scan.
@@ -108,21 +129,28 @@ func (s *Server) handleTunnel(conn net.Conn) {
 		log.Warn("tunnel refused", "code", code, "reason", reason)
 		tunnel.Refuse(conn, &tunnel.Refusal{Code: code, Reason: reason})
 	}
-	if !tunnel.TokenEqual(hello.Token, s.token) {
-		refuse(tunnel.RefuseAuth, "bad credentials")
-		return
-	}
 	version, err := tunnel.Negotiate(hello.MinVersion, hello.MaxVersion)
 	if err != nil {
 		refuse(tunnel.RefuseVersion, err.Error())
+		return
+	}
+	if version < auth.minVer {
+		refuse(tunnel.RefuseVersion, fmt.Sprintf("protocol version %d is below this server's minimum %d: upgrade the agent",
+			version, auth.minVer))
+		return
+	}
+	identity, token, code, reason := auth.authenticate(conn, hello, version, cert)
+	if code != "" {
+		refuse(code, reason)
 		return
 	}
 	if s.draining.Load() {
 		refuse(tunnel.RefuseDraining, "server is draining; connect to another member")
 		return
 	}
-	as := &agentSession{agent: hello.AgentID, identity: sharedIdentity, id: hello.SessionID,
-		gen: hello.Generation, remote: remote, started: time.Now(), routes: map[registry.Key]*route{}}
+	as := &agentSession{agent: hello.AgentID, identity: identity, id: hello.SessionID,
+		gen: hello.Generation, remote: remote, started: time.Now(), routes: map[registry.Key]*route{},
+		token: token, cert: cert}
 	made, refused := s.claim(as, hello.Targets)
 	ts, err := tunnel.Accept(conn, &tunnel.Welcome{Version: version, ServerID: s.cfg.ServerID,
 		Routes: made, Refused: refused}, s.cfg.Tunnel)
@@ -296,6 +324,11 @@ func (s *Server) claimOne(as *agentSession, t tunnel.Target, c *claimRun) (*rout
 		if err := registry.ValidNetwork(t.Network); err != nil {
 			return nil, err
 		}
+	}
+	if !s.auth.Load().allows(as.identity, key) {
+		s.log.Warn("audit: claim refused by policy", "identity", as.identity, "agent", as.agent,
+			"session", as.id, "remote", as.remote, "target", key.String())
+		return nil, fmt.Errorf("%w: identity %q may not expose %s", errPolicy, as.identity, key)
 	}
 	s.mu.Lock()
 	old := s.routes[key]
@@ -570,5 +603,13 @@ func (s *Server) handleRelay(c net.Conn) {
 	// Framed on both sides: pass the frames through untouched (the bytes
 	// counted include their 4-byte frame headers). If this member dies,
 	// the front end sees its relay end without an end marker: an abort.
-	_, _, _ = netx.JoinCounted(c, nil, stream, s.cfg.IdleTimeout, &s.bytes.Up, &s.bytes.Down)
+	_, _, _ = netx.JoinCounted(c, nil, closeOnHalfClose{stream}, s.cfg.IdleTimeout, &s.bytes.Up, &s.bytes.Down)
 }
+
+// closeOnHalfClose is a framed stream whose half-close is a close: when
+// the relay connection ends, its end markers (if any) have passed already,
+// and without them the agent must see an abort at once, not wait for the
+// idle timeout.
+type closeOnHalfClose struct{ net.Conn }
+
+func (c closeOnHalfClose) CloseWrite() error { return c.Close() }

@@ -1,0 +1,343 @@
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/vpcreach/vpcreach/internal/agent"
+	"github.com/vpcreach/vpcreach/internal/config"
+	"github.com/vpcreach/vpcreach/internal/server"
+	"github.com/vpcreach/vpcreach/internal/testutil"
+	"github.com/vpcreach/vpcreach/registry"
+	"github.com/vpcreach/vpcreach/tunnel"
+)
+
+const (
+	tokenA = "token-of-agent-a-0123456789"
+	tokenB = "token-of-agent-b-0123456789"
+)
+
+// writeFile writes content to a new file in a temp dir.
+func writeFile(t *testing.T, name, content string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), name)
+	if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// perAgent configures per-agent tokens (and the policy) on a server.
+func perAgent(tokens string, policy []server.PolicyRule) serverOpt {
+	return func(c *server.Config) {
+		c.Token = config.Secret{}
+		c.TokensFile = tokens
+		c.Policy = policy
+	}
+}
+
+// as makes an agent use id and token.
+func as(id, token string) agentOpt {
+	return func(c *agent.Config, _ *agent.Agent) {
+		if c != nil {
+			c.AgentID = id
+			c.Token = config.Secret{Env: "VPCREACH_E2E_" + strings.ToUpper(strings.ReplaceAll(id, "-", "_"))}
+			os.Setenv(c.Token.Env, token)
+		}
+	}
+}
+
+// Per-agent tokens: each agent is its own identity; the second claiming
+// the first's target is refused and the first keeps working.
+func TestIdentityCannotTakeOverAnother(t *testing.T) {
+	echo := testutil.EchoTarget(t)
+	tokens := writeFile(t, "tokens.yaml", "agent-a: "+tokenA+"\nagent-b: "+tokenB+"\n")
+	reg := registry.NewMemory(nil)
+	var logs testutil.LogBuffer
+	srv := startServer(t, reg, logger(&logs), perAgent(tokens, nil))
+	startAgent(t, []string{srv.ControlAddr().String()}, []string{echo}, nil, as("agent-a", tokenA))
+	first := waitRoute(t, reg, echo, "")
+	if first.Identity != "agent-a" {
+		t.Fatalf("route identity %q, want agent-a", first.Identity)
+	}
+	var blogs testutil.LogBuffer
+	startAgent(t, []string{srv.ControlAddr().String()}, []string{echo}, logger(&blogs), as("agent-b", tokenB))
+	testutil.Eventually(t, 5*time.Second, "agent-b told its claim was refused", func() bool {
+		return blogs.Contains("target refused by server") && blogs.Contains("another identity owns the route")
+	})
+	now, err := reg.Lookup(context.Background(), first.Key)
+	if err != nil || now.Session != first.Session {
+		t.Fatalf("route after agent-b's claim = %+v, %v; want agent-a's session", now, err)
+	}
+	c, err := net.Dial("tcp", first.Proxy.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	echoOnce(t, c, "agent-a still serves")
+	c.Close()
+	// An unknown agent id, or a known one with another's token: refused.
+	for _, tc := range []struct{ id, tok string }{{"agent-c", tokenA}, {"agent-a", tokenB}} {
+		conn := dialControl(t, srv.ControlAddr().String())
+		h := hello("", echo)
+		h.AgentID, h.MinVersion, h.MaxVersion, h.Auth, h.Secret = tc.id, tunnel.Version3, tunnel.Version3, tunnel.AuthHMAC, tc.tok
+		if _, _, err := tunnel.ClientHandshake(conn, h, tunnel.Settings{}); !isRefusal(err, tunnel.RefuseAuth) {
+			t.Fatalf("%s with another's token: %v; want an auth refusal", tc.id, err)
+		}
+	}
+}
+
+func isRefusal(err error, code string) bool {
+	ref, ok := tunnel.IsRefusal(err)
+	return ok && ref.Code == code
+}
+
+// Claim policy: a target outside the identity's rules is refused with a
+// reason and an audit line; reloading a narrower policy revokes a live
+// route at once, and removing a token closes that agent's session.
+func TestClaimPolicyAndRevocation(t *testing.T) {
+	echoA, echoB := testutil.EchoTarget(t), testutil.EchoTarget(t)
+	tokens := writeFile(t, "tokens.yaml", "agent-a: "+tokenA+"\nagent-b: "+tokenB+"\n")
+	policy := []server.PolicyRule{{Identity: "agent-a", Allow: []string{echoA}}, {Identity: "agent-b", Allow: []string{echoB}}}
+	reg := registry.NewMemory(nil)
+	var logs testutil.LogBuffer
+	srv := startServer(t, reg, logger(&logs), perAgent(tokens, policy))
+	var alogs testutil.LogBuffer
+	startAgent(t, []string{srv.ControlAddr().String()}, []string{echoA, echoB}, logger(&alogs), as("agent-a", tokenA))
+	waitRoute(t, reg, echoA, "")
+	testutil.Eventually(t, 5*time.Second, "audit line and refusal for the target outside policy", func() bool {
+		return logs.Contains("audit: claim refused by policy") && alogs.Contains("outside this agent's claim policy")
+	})
+	kb, _ := registry.ParseKey(echoB)
+	if _, err := reg.Lookup(context.Background(), kb); !errors.Is(err, registry.ErrNotFound) {
+		t.Fatalf("agent-a got a route to %s outside its policy", echoB)
+	}
+	startAgent(t, []string{srv.ControlAddr().String()}, []string{echoB}, nil, as("agent-b", tokenB))
+	rb := waitRoute(t, reg, echoB, "")
+	open, err := net.Dial("tcp", rb.Proxy.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer open.Close()
+	echoOnce(t, open, "agent-b before the reload")
+
+	// Reload: agent-a's policy no longer allows echoA; agent-b's token is
+	// gone.
+	cfg := reloadConfig(t, srv, writeFile(t, "tokens2.yaml", "agent-a: "+tokenA+"\n"),
+		[]server.PolicyRule{{Identity: "agent-a", Allow: []string{"10.255.0.0/16:*"}}})
+	if err := srv.Apply(cfg); err != nil {
+		t.Fatal(err)
+	}
+	ka, _ := registry.ParseKey(echoA)
+	testutil.Eventually(t, 5*time.Second, "both routes revoked", func() bool {
+		_, ea := reg.Lookup(context.Background(), ka)
+		_, eb := reg.Lookup(context.Background(), kb)
+		return errors.Is(ea, registry.ErrNotFound) && errors.Is(eb, registry.ErrNotFound)
+	})
+	testutil.Eventually(t, 5*time.Second, "agent-b's session closed", func() bool {
+		for _, a := range srv.Agents() {
+			if a.Agent == "agent-b" {
+				return false
+			}
+		}
+		return true
+	})
+	if !logs.Contains("audit: session revoked") || !logs.Contains("audit: route revoked by policy") {
+		t.Fatalf("no audit lines for the revocation:\n%s", logs.String())
+	}
+	// A restart-only change is refused and changes nothing.
+	bad := *cfg
+	bad.Control = "127.0.0.1:1"
+	if err := srv.Apply(&bad); err == nil || !strings.Contains(err.Error(), "control") {
+		t.Fatalf("Apply with a new control address = %v; want it refused naming control", err)
+	}
+}
+
+// reloadConfig is the running server's config with new tokens and policy,
+// validated as a reload loads it.
+func reloadConfig(t *testing.T, srv *server.Server, tokens string, policy []server.PolicyRule) *server.Config {
+	t.Helper()
+	cfg := srv.Config()
+	cfg.TokensFile, cfg.Policy = tokens, policy
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	return &cfg
+}
+
+// Version 3: a captured hello and proof, replayed on a new connection,
+// fail the fresh challenge.
+func TestHelloReplayRefused(t *testing.T) {
+	echo := testutil.EchoTarget(t)
+	reg := registry.NewMemory(nil)
+	srv := startServer(t, reg, nil)
+	rec := &recorder{to: srv.ControlAddr().String()}
+	ln := rec.listen(t)
+	startAgent(t, []string{ln}, []string{echo}, nil)
+	waitRoute(t, reg, echo, "")
+	captured := rec.firstBytes(t)
+	if bytes.Contains(captured, []byte(testToken)) {
+		t.Fatal("the token travelled in the captured handshake")
+	}
+	conn := dialControl(t, srv.ControlAddr().String())
+	if _, err := conn.Write(captured); err != nil {
+		t.Fatal(err)
+	}
+	_ = conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	var ans tunnel.Answer
+	if err := tunnel.ReadFrame(conn, tunnel.MaxHelloSize, &ans); err != nil || ans.Challenge == nil {
+		t.Fatalf("replay: first answer %+v, %v; want a fresh challenge", ans, err)
+	}
+	ans = tunnel.Answer{}
+	if err := tunnel.ReadFrame(conn, tunnel.MaxHelloSize, &ans); err != nil || ans.Refusal == nil || ans.Refusal.Code != tunnel.RefuseAuth {
+		t.Fatalf("replayed proof: answer %+v, %v; want an auth refusal", ans, err)
+	}
+}
+
+// recorder relays the agent's first control connection to the server and
+// keeps what the agent sent before the welcome (magic, hello, proof).
+type recorder struct {
+	to   string
+	mu   sync.Mutex
+	buf  bytes.Buffer
+	done bool
+}
+
+func (r *recorder) listen(t *testing.T) string {
+	ln := testutil.Listen(t)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			up, err := net.Dial("tcp", r.to)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			go func() { _, _ = io.Copy(c, up); c.Close() }()
+			go func() {
+				buf := make([]byte, 32<<10)
+				for {
+					n, err := c.Read(buf)
+					r.mu.Lock()
+					if !r.done && r.buf.Len() < 64<<10 {
+						r.buf.Write(buf[:n])
+					}
+					r.mu.Unlock()
+					if _, werr := up.Write(buf[:n]); err != nil || werr != nil {
+						up.Close()
+						return
+					}
+				}
+			}()
+		}
+	}()
+	return ln.Addr().String()
+}
+
+// firstBytes returns the magic, hello and proof frames the agent sent.
+func (r *recorder) firstBytes(t *testing.T) []byte {
+	t.Helper()
+	var out []byte
+	testutil.Eventually(t, 5*time.Second, "hello and proof captured", func() bool {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		rd := bytes.NewReader(r.buf.Bytes())
+		var magic [8]byte
+		if _, err := io.ReadFull(rd, magic[:]); err != nil {
+			return false
+		}
+		var h tunnel.Hello
+		var p tunnel.Proof
+		if tunnel.ReadFrame(rd, tunnel.MaxHelloSize, &h) != nil || tunnel.ReadFrame(rd, tunnel.MaxHelloSize, &p) != nil {
+			return false
+		}
+		out = append([]byte(nil), r.buf.Bytes()[:r.buf.Len()-rd.Len()]...)
+		r.done = true
+		return true
+	})
+	return out
+}
+
+// Mutual TLS: the identity is the certificate's name; a hello claiming
+// another id is refused; an agent without a client certificate, or one
+// that does not trust the server, gets nowhere.
+func TestMutualTLS(t *testing.T) {
+	echo := testutil.EchoTarget(t)
+	ca := testutil.NewCA(t, "vpcreach-test")
+	srvCert, srvKey := ca.Issue(t, "proxy-1", net.ParseIP("127.0.0.1"))
+	aCert, aKey := ca.Issue(t, "agent-a")
+	reg := registry.NewMemory(nil)
+	var logs testutil.LogBuffer
+	srv := startServer(t, reg, logger(&logs), func(c *server.Config) {
+		c.Token = config.Secret{}
+		c.TLS = &server.ServerTLS{CertFile: srvCert, KeyFile: srvKey, ClientCAFile: ca.File}
+	})
+	withTLS := func(id, cert, key, caFile string) agentOpt {
+		return func(c *agent.Config, _ *agent.Agent) {
+			if c != nil {
+				c.AgentID, c.Token = id, config.Secret{}
+				c.TLS = &config.TLSFiles{CAFile: caFile, CertFile: cert, KeyFile: key}
+			}
+		}
+	}
+	startAgent(t, []string{srv.ControlAddr().String()}, []string{echo}, nil, withTLS("agent-a", aCert, aKey, ca.File))
+	r := waitRoute(t, reg, echo, "")
+	if r.Identity != "agent-a" {
+		t.Fatalf("identity %q, want the certificate's agent-a", r.Identity)
+	}
+	c, err := net.Dial("tcp", r.Proxy.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	echoOnce(t, c, "over mutual TLS")
+	c.Close()
+
+	var other testutil.LogBuffer
+	startAgent(t, []string{srv.ControlAddr().String()}, []string{"127.0.0.1:9"}, logger(&other), withTLS("agent-x", aCert, aKey, ca.File))
+	testutil.Eventually(t, 5*time.Second, "a claimed id that differs from the certificate refused", func() bool {
+		return other.Contains(`differs from its certificate's \"agent-a\"`) || other.Contains("differs from its certificate")
+	})
+	foreign := testutil.NewCA(t, "someone-else")
+	var untrusting testutil.LogBuffer
+	startAgent(t, []string{srv.ControlAddr().String()}, []string{"127.0.0.1:9"}, logger(&untrusting), withTLS("agent-a", aCert, aKey, foreign.File))
+	testutil.Eventually(t, 5*time.Second, "an agent that does not trust the server's certificate refuses it", func() bool {
+		return untrusting.Contains("certificate signed by unknown authority")
+	})
+	var nocert testutil.LogBuffer
+	startAgent(t, []string{srv.ControlAddr().String()}, []string{"127.0.0.1:9"}, logger(&nocert), func(c *agent.Config, _ *agent.Agent) {
+		if c != nil {
+			c.AgentID = "agent-a"
+			c.TLS = &config.TLSFiles{CAFile: ca.File}
+		}
+	})
+	testutil.Eventually(t, 5*time.Second, "an agent without a client certificate refused", func() bool {
+		return logs.Contains("TLS handshake failed")
+	})
+	if len(srv.Agents()) != 1 {
+		t.Fatalf("agents %+v; want only agent-a", srv.Agents())
+	}
+}
+
+// A server with no credential refuses to start, unless told it is a lab.
+func TestServerWithoutAuthRefusesToStart(t *testing.T) {
+	cfg := server.Config{Control: "127.0.0.1:0", Advertise: "127.0.0.1", Ports: "30000-30010"}
+	err := cfg.Validate()
+	if err == nil || !strings.Contains(err.Error(), "no authentication configured") {
+		t.Fatalf("Validate without credentials = %v", err)
+	}
+	cfg = server.Config{Control: "127.0.0.1:0", Advertise: "127.0.0.1", Ports: "30000-30010", InsecureNoAuth: true}
+	if err := cfg.Validate(); err != nil {
+		t.Fatalf("Validate with insecure_no_auth: %v", err)
+	}
+}
