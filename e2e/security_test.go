@@ -341,3 +341,28 @@ func TestServerWithoutAuthRefusesToStart(t *testing.T) {
 		t.Fatalf("Validate with insecure_no_auth: %v", err)
 	}
 }
+
+// The agent's dial-time check: a target given as ":port" resolves to this
+// host's address towards the server (loopback here), and loopback is never
+// dialled unless a target names it: the stream is refused at dial time.
+func TestAgentRefusesImplicitLoopback(t *testing.T) {
+	echo := testutil.EchoTarget(t)
+	_, port, _ := net.SplitHostPort(echo)
+	reg := registry.NewMemory(nil)
+	srv := startServer(t, reg, nil)
+	var alogs testutil.LogBuffer
+	startAgent(t, []string{srv.ControlAddr().String()}, []string{":" + port}, logger(&alogs))
+	r := waitRoute(t, reg, echo, "") // ":port" resolved to 127.0.0.1:port
+	c, err := net.Dial("tcp", r.Proxy.String())
+	if err == nil {
+		_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_, _ = c.Write([]byte("hello"))
+		if n, err := c.Read(make([]byte, 8)); err == nil || n > 0 {
+			t.Fatalf("got %d bytes through an implicit loopback target", n)
+		}
+		c.Close()
+	}
+	testutil.Eventually(t, 5*time.Second, "the agent's destination check refusing the dial", func() bool {
+		return alogs.Contains("target refused at dial time") && alogs.Contains("loopback, link-local or metadata")
+	})
+}

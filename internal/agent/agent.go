@@ -524,8 +524,14 @@ func (a *Agent) handleStream(s *session, st net.Conn) {
 		refuse(tunnel.StatusStale)
 		return
 	}
-	d := net.Dialer{Timeout: a.conf().DialTimeout}
+	d := net.Dialer{Timeout: a.conf().DialTimeout, Control: dialGuard(t, a.explicit(t))}
 	conn, err := d.Dial("tcp", t.Addr.String())
+	if errors.Is(err, errDestination) {
+		a.Stats.NotExposed.Add(1)
+		log.Warn("target refused at dial time", "err", err)
+		refuse(tunnel.StatusNotExposed)
+		return
+	}
 	if err != nil {
 		a.Stats.DialFailures.Add(1)
 		status := tunnel.StatusUnreachable
@@ -692,5 +698,48 @@ func (a *Agent) retarget(s *session, cfg []TargetConfig) {
 		for _, t := range added {
 			log.Info("reload: target added", "target", t.String())
 		}
+	}
+}
+
+// errDestination is a dial the destination check refused.
+var errDestination = errors.New("destination refused")
+
+// explicit reports whether a configured target names t's address itself
+// (not ":port", resolved to this host's address).
+func (a *Agent) explicit(t tunnel.Target) bool {
+	for _, tc := range a.conf().Targets {
+		ct, err := tc.parse()
+		if err == nil && !ct.Addr.Addr().IsUnspecified() && ct.Network == t.Network && ct.Addr == t.Addr {
+			return true
+		}
+	}
+	return false
+}
+
+// sensitiveAddr reports loopback, link-local (169.254.169.254, the cloud
+// metadata service, among them), unspecified and the IPv6 metadata
+// address fd00:ec2::254, in any IPv4-mapped form.
+func sensitiveAddr(ip netip.Addr) bool {
+	ip = ip.Unmap()
+	return ip.IsLoopback() || ip.IsLinkLocalUnicast() || ip.IsLinkLocalMulticast() || ip.IsUnspecified() ||
+		ip == netip.MustParseAddr("fd00:ec2::254")
+}
+
+// dialGuard is the Dialer.Control of every target dial: the socket may
+// connect only to the exposed target itself, and to a loopback,
+// link-local or metadata address only when a target names it explicitly.
+func dialGuard(t tunnel.Target, explicit bool) func(network, address string, _ syscall.RawConn) error {
+	return func(_, address string, _ syscall.RawConn) error {
+		ap, err := netip.ParseAddrPort(address)
+		if err != nil {
+			return fmt.Errorf("%w: %v", errDestination, err)
+		}
+		if ap.Port() != t.Addr.Port() || ap.Addr().Unmap() != t.Addr.Addr().Unmap() {
+			return fmt.Errorf("%w: %s is not the exposed target %s", errDestination, address, t.Addr)
+		}
+		if sensitiveAddr(ap.Addr()) && !explicit {
+			return fmt.Errorf("%w: %s is a loopback, link-local or metadata address: name it in a target to expose it", errDestination, ap.Addr())
+		}
+		return nil
 	}
 }

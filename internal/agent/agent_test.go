@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"errors"
 	"io"
 	"net"
 	"net/netip"
@@ -11,6 +12,7 @@ import (
 	"github.com/vpcreach/vpcreach/internal/config"
 	"github.com/vpcreach/vpcreach/internal/testutil"
 	"github.com/vpcreach/vpcreach/registry"
+	"github.com/vpcreach/vpcreach/tunnel"
 )
 
 func TestBackoff(t *testing.T) {
@@ -173,5 +175,33 @@ func TestResolveTargetsFillsLocalIP(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+func TestDialGuard(t *testing.T) {
+	tg := func(s string) tunnel.Target { return tunnel.Target{Addr: netip.MustParseAddrPort(s)} }
+	for _, tc := range []struct {
+		target, dial string
+		explicit     bool
+		ok           bool
+	}{
+		{"10.1.0.5:6379", "10.1.0.5:6379", false, true},
+		{"10.1.0.5:6379", "10.1.0.6:6379", false, false},           // not the exposed target
+		{"10.1.0.5:6379", "10.1.0.5:6380", false, false},           // another port
+		{"127.0.0.1:22", "127.0.0.1:22", false, false},             // loopback, resolved from ":22"
+		{"127.0.0.1:22", "127.0.0.1:22", true, true},               // named explicitly
+		{"169.254.169.254:80", "169.254.169.254:80", false, false}, // metadata
+		{"169.254.169.254:80", "[::ffff:169.254.169.254]:80", false, false},
+		{"[fd00:ec2::254]:80", "[fd00:ec2::254]:80", false, false},
+		{"[fe80::1]:80", "[fe80::1]:80", false, false},
+		{"[::1]:80", "[::1]:80", true, true},
+	} {
+		err := dialGuard(tg(tc.target), tc.explicit)("tcp", tc.dial, nil)
+		if (err == nil) != tc.ok {
+			t.Errorf("target %s explicit %v, dial %s: %v; want ok=%v", tc.target, tc.explicit, tc.dial, err, tc.ok)
+		}
+		if err != nil && !errors.Is(err, errDestination) {
+			t.Errorf("error %v is not errDestination", err)
+		}
 	}
 }
