@@ -366,3 +366,34 @@ func TestAgentRefusesImplicitLoopback(t *testing.T) {
 		return alogs.Contains("target refused at dial time") && alogs.Contains("loopback, link-local or metadata")
 	})
 }
+
+// Proxy and relay ports accept only the configured source CIDRs.
+func TestSourceAllowLists(t *testing.T) {
+	echo := testutil.EchoTarget(t)
+	reg := registry.NewMemory(nil)
+	var logs testutil.LogBuffer
+	srv := startServer(t, reg, logger(&logs), withSocks(), func(c *server.Config) {
+		c.ProxyAllow = []string{"192.0.2.0/24"} // not loopback: the test's connections are refused
+		c.RelayAllow = []string{"127.0.0.1"}
+	})
+	startAgent(t, []string{srv.ControlAddr().String()}, []string{echo}, nil)
+	r := waitRoute(t, reg, echo, "")
+	c, err := net.Dial("tcp", r.Proxy.String())
+	if err == nil {
+		_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_, _ = c.Write([]byte("hi"))
+		if n, err := c.Read(make([]byte, 4)); err == nil || n > 0 {
+			t.Fatal("a source outside proxy_allow got data")
+		}
+		c.Close()
+	}
+	testutil.Eventually(t, 5*time.Second, "denial counted and logged", func() bool {
+		return srv.Stats.SourceDenied.Load() == 1 && logs.Contains("source not allowed")
+	})
+	// The relay port allows 127.0.0.1: SOCKS5 through it works.
+	sc, rep := socksConnect(t, srv.SocksAddr().String(), echo)
+	if rep != repSuccess {
+		t.Fatalf("relay from an allowed source: reply %d", rep)
+	}
+	echoOnce(t, sc, "allowed")
+}

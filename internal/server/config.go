@@ -43,6 +43,14 @@ type Config struct {
 	Admin string `yaml:"admin"`
 	// API is the earlier name of Admin, still accepted.
 	API string `yaml:"api"`
+	// ProxyBind is the address proxy ports bind to (default: advertise),
+	// e.g. 0.0.0.0 behind a NAT that forwards the advertised address.
+	ProxyBind string `yaml:"proxy_bind"`
+	// ProxyAllow lists the source CIDRs allowed on the proxy ports; others
+	// are reset with a log line and a counter. Empty: everyone.
+	ProxyAllow []string `yaml:"proxy_allow"`
+	// RelayAllow is the same for the relay port (where socks5d connects).
+	RelayAllow []string `yaml:"relay_allow"`
 	// Ports is the proxy port range, "lo-hi".
 	Ports string `yaml:"port_range"`
 	// Registry is the route store: memory (default, one server) or redis
@@ -94,6 +102,9 @@ type Config struct {
 
 	// Filled by Validate.
 	advertise      netip.Addr
+	proxyBind      netip.Addr
+	proxyAllow     []netip.Prefix
+	relayAllow     []netip.Prefix
 	portLo, portHi int
 	balancers      proxyproto.Trusted
 }
@@ -114,6 +125,13 @@ func (c *Config) Validate() error {
 	} else {
 		c.balancers = t
 	}
+	var err error
+	if c.proxyAllow, err = parsePrefixes(c.ProxyAllow); err != nil {
+		p.Addf("proxy_allow", "%v", err)
+	}
+	if c.relayAllow, err = parsePrefixes(c.RelayAllow); err != nil {
+		p.Addf("relay_allow", "%v", err)
+	}
 	if c.MaxTunnelsPerSource == 0 {
 		c.MaxTunnelsPerSource = 256
 	} else if c.MaxTunnelsPerSource < 0 {
@@ -123,6 +141,14 @@ func (c *Config) Validate() error {
 		p.Addf("advertise", "required: this member's own IP address (got %q)", c.Advertise)
 	} else {
 		c.advertise = a.Unmap()
+	}
+	c.proxyBind = c.advertise
+	if c.ProxyBind != "" {
+		if a, err := netip.ParseAddr(c.ProxyBind); err != nil {
+			p.Addf("proxy_bind", "%v", err)
+		} else {
+			c.proxyBind = a.Unmap()
+		}
 	}
 	if c.Relay < 0 || c.Relay > 65535 {
 		p.Addf("relay_port", "must be a port 0-65535, 0 for any free port (got %d)", c.Relay)
@@ -199,3 +225,38 @@ func (c *Config) RelayAddr() netip.AddrPort {
 
 // Config returns the configuration the server started with.
 func (s *Server) Config() Config { return s.cfg }
+
+// parsePrefixes parses CIDRs (a bare address is a /32 or /128).
+func parsePrefixes(ss []string) ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	for _, s := range ss {
+		if p, err := netip.ParsePrefix(s); err == nil {
+			out = append(out, p.Masked())
+			continue
+		}
+		a, err := netip.ParseAddr(s)
+		if err != nil {
+			return nil, fmt.Errorf("%q is not a CIDR or an address", s)
+		}
+		out = append(out, netip.PrefixFrom(a.Unmap(), a.Unmap().BitLen()))
+	}
+	return out, nil
+}
+
+// allowed reports whether the remote address of c is in list (empty: all).
+func allowed(list []netip.Prefix, c net.Conn) bool {
+	if len(list) == 0 {
+		return true
+	}
+	ap, err := netip.ParseAddrPort(c.RemoteAddr().String())
+	if err != nil {
+		return false
+	}
+	a := ap.Addr().Unmap()
+	for _, p := range list {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	return false
+}

@@ -67,6 +67,7 @@ func (s *Server) registerMetrics(reg prometheus.Registerer) {
 	admin.GaugeOf(reg, "server_streams_open", "Open data streams.", &st.StreamsOpen, nil)
 	admin.Counter(reg, "server_streams_opened_total", "Data streams opened.", &st.StreamsOpened, nil)
 	admin.Counter(reg, "server_streams_at_cap_total", "Streams refused at the per-session cap.", &st.StreamsAtCap, nil)
+	admin.Counter(reg, "server_source_denied_total", "Proxy and relay connections from sources not allowed.", &st.SourceDenied, nil)
 	admin.Counter(reg, "server_relay_refusals_total", "Relay preambles answered with an error status.", &st.RelayRefusals, nil)
 	admin.Counter(reg, "server_bytes_total", "Bytes carried, by direction.", &s.bytes.Up, prometheus.Labels{"direction": "to_target"})
 	admin.Counter(reg, "server_bytes_total", "Bytes carried, by direction.", &s.bytes.Down, prometheus.Labels{"direction": "from_target"})

@@ -32,6 +32,7 @@ type Stats struct {
 	RelayRefusals  atomic.Int64 // relay preambles answered with an error status
 	RegistryErrors atomic.Int64
 	SourceCapped   atomic.Int64 // control connections refused at the per-source cap
+	SourceDenied   atomic.Int64 // proxy and relay connections from sources not allowed
 }
 
 // Snapshot returns the counters as a map, for the API.
@@ -40,7 +41,7 @@ func (s *Stats) Snapshot() map[string]int64 {
 		"tunnels": s.Tunnels.Load(), "streams_open": s.StreamsOpen.Load(),
 		"streams_opened": s.StreamsOpened.Load(), "streams_at_cap": s.StreamsAtCap.Load(),
 		"hello_refusals": s.Refusals.Load(), "relay_refusals": s.RelayRefusals.Load(),
-		"registry_errors": s.RegistryErrors.Load(), "source_capped": s.SourceCapped.Load(),
+		"registry_errors": s.RegistryErrors.Load(), "source_capped": s.SourceCapped.Load(), "source_denied": s.SourceDenied.Load(),
 	}
 }
 
@@ -82,6 +83,7 @@ type Server struct {
 	regMetrics   *regMetrics
 	adminSrv     *admin.Server
 	started      chan struct{} // closed when Start has bound every listener
+	deniedLog    atomic.Int64  // time of the last "source not allowed" log line
 }
 
 // New builds a server from a validated config. reg is the route store;

@@ -395,7 +395,7 @@ func (s *Server) listenProxy(key registry.Key, fixed int) (net.Listener, int, er
 		if err != nil {
 			return nil, 0, err
 		}
-		addr := net.JoinHostPort(s.cfg.advertise.String(), strconv.Itoa(port))
+		addr := net.JoinHostPort(s.cfg.proxyBind.String(), strconv.Itoa(port))
 		ln, err := net.Listen("tcp", addr)
 		if err == nil {
 			return ln, port, nil
@@ -506,6 +506,10 @@ func (s *Server) endStream(as *agentSession) {
 
 // handleProxyConn forwards one connection on a route's proxy port.
 func (s *Server) handleProxyConn(r *route, c net.Conn) {
+	if !allowed(s.cfg.proxyAllow, c) {
+		s.sourceDenied("proxy port", c)
+		return
+	}
 	s.conns.Add(1)
 	defer s.conns.Done()
 	netx.KeepAlive(c, 30*time.Second, 10*time.Second, 3)
@@ -552,6 +556,10 @@ func (s *Server) servedRoute(key registry.Key) *route {
 // handleRelay serves one connection on the relay port: preamble, route and
 // generation check, stream, status, data.
 func (s *Server) handleRelay(c net.Conn) {
+	if !allowed(s.cfg.relayAllow, c) {
+		s.sourceDenied("relay port", c)
+		return
+	}
 	s.conns.Add(1)
 	defer s.conns.Done()
 	_ = c.SetReadDeadline(time.Now().Add(relayPreambleTimeout))
@@ -613,3 +621,16 @@ func (s *Server) handleRelay(c net.Conn) {
 type closeOnHalfClose struct{ net.Conn }
 
 func (c closeOnHalfClose) CloseWrite() error { return c.Close() }
+
+// sourceDenied resets a connection from a source outside the allow list,
+// with a counter and a log line (at most one per second: a scan must not
+// flood the log).
+func (s *Server) sourceDenied(where string, c net.Conn) {
+	s.Stats.SourceDenied.Add(1)
+	netx.Reset(c)
+	now := time.Now().UnixNano()
+	if last := s.deniedLog.Load(); now-last >= int64(time.Second) && s.deniedLog.CompareAndSwap(last, now) {
+		s.log.Warn("connection refused: source not allowed", "where", where, "remote", c.RemoteAddr().String(),
+			"refused_so_far", s.Stats.SourceDenied.Load())
+	}
+}
