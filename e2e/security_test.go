@@ -8,14 +8,17 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/vpcreach/vpcreach/internal/agent"
 	"github.com/vpcreach/vpcreach/internal/config"
 	"github.com/vpcreach/vpcreach/internal/server"
+	"github.com/vpcreach/vpcreach/internal/socks"
 	"github.com/vpcreach/vpcreach/internal/testutil"
 	"github.com/vpcreach/vpcreach/registry"
 	"github.com/vpcreach/vpcreach/tunnel"
@@ -397,3 +400,119 @@ func TestSourceAllowLists(t *testing.T) {
 	}
 	echoOnce(t, sc, "allowed")
 }
+
+// countingTarget accepts connections and counts them and their bytes.
+type countingTarget struct {
+	conns, bytes atomic.Int64
+	addr         string
+}
+
+func newCountingTarget(t *testing.T) *countingTarget {
+	ct := &countingTarget{}
+	ln := testutil.Listen(t)
+	ct.addr = ln.Addr().String()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			ct.conns.Add(1)
+			go func() {
+				n, _ := io.Copy(io.Discard, c)
+				ct.bytes.Add(n)
+				c.Close()
+			}()
+		}
+	}()
+	return ct
+}
+
+// Fencing on the relay path: a member restarts, its old proxy port goes to
+// another target, and socks5d's stale cached route for the first target is
+// replayed: the relay refuses it (stale generation), not a byte reaches the
+// other target's tunnel, and the retry uses the fresh route.
+func TestFencingStaleCacheAfterRestart(t *testing.T) {
+	echo := testutil.EchoTarget(t)
+	other := newCountingTarget(t)
+	control := "127.0.0.1:" + itoa(testutil.FreePort(t))
+	relay := testutil.FreePort(t)
+	ports := portRange()
+	fixed := func(c *server.Config) { c.Control, c.Relay, c.Ports = control, relay, ports }
+	reg := registry.NewMemory(nil)
+	srv := startServer(t, reg, nil, fixed)
+	startAgent(t, []string{control}, []string{echo}, nil)
+	old := waitRoute(t, reg, echo, "")
+
+	// socks5d with a cache that stays fresh for an hour and hears no
+	// events: after the restart it holds a stale route.
+	cache := registry.NewCache(reg, registry.CacheOptions{Fresh: time.Hour})
+	front := socksOver(t, cache)
+	c, rep := socksConnect(t, front, echo)
+	if rep != repSuccess {
+		t.Fatalf("before the restart: reply %d", rep)
+	}
+	echoOnce(t, c, "before")
+	c.Close()
+
+	// The member restarts (no memory of its quarantine); the other
+	// target's agent takes the old proxy port; the first agent reconnects.
+	srv.Close()
+	srv2 := startServer(t, reg, nil, fixed)
+	startAgent(t, []string{control}, []string{other.addr}, nil, func(c *agent.Config, _ *agent.Agent) {
+		if c != nil {
+			c.Targets[0].ProxyPort = old.Proxy.Port()
+		}
+	})
+	ko, _ := registry.ParseKey(other.addr)
+	testutil.Eventually(t, 10*time.Second, "the other target on the old proxy port", func() bool {
+		r, err := reg.Lookup(context.Background(), ko)
+		return err == nil && r.Proxy == old.Proxy
+	})
+	fresh := waitRouteNewer(t, reg, old)
+	refusals := srv2.Stats.RelayRefusals.Load()
+
+	c, rep = socksConnect(t, front, echo) // the cache still names the old generation
+	if rep != repSuccess {
+		t.Fatalf("replay through the stale cache: reply %d; want success on the retry with the fresh route", rep)
+	}
+	echoOnce(t, c, "after")
+	c.Close()
+	if got := srv2.Stats.RelayRefusals.Load(); got != refusals+1 {
+		t.Fatalf("relay refusals %d -> %d; want the stale generation refused once", refusals, got)
+	}
+	if n, b := other.conns.Load(), other.bytes.Load(); n != 0 || b != 0 {
+		t.Fatalf("the other target saw %d connections, %d bytes: the stale route reached another tunnel", n, b)
+	}
+	if got, err := cache.Lookup(context.Background(), fresh.Key); err != nil || got.Generation != fresh.Generation {
+		t.Fatalf("cache after the retry: %+v, %v; want the fresh generation", got, err)
+	}
+}
+
+// waitRouteNewer waits for old's key to have a newer generation.
+func waitRouteNewer(t *testing.T, reg registry.Reader, old registry.Route) registry.Route {
+	t.Helper()
+	var r registry.Route
+	testutil.Eventually(t, 10*time.Second, "a newer route for "+old.Key.String(), func() bool {
+		var err error
+		r, err = reg.Lookup(context.Background(), old.Key)
+		return err == nil && r.Generation > old.Generation
+	})
+	return r
+}
+
+// socksOver runs a SOCKS5 front end reading routes from routes.
+func socksOver(t *testing.T, routes registry.Reader) string {
+	cfg := socks.Config{Listen: "127.0.0.1:0", ConnectTimeout: 5 * time.Second}
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	s := socks.New(cfg, routes, testutil.Logger(t))
+	ln := testutil.Listen(t)
+	done := make(chan struct{})
+	go func() { defer close(done); _ = s.Serve(ln) }()
+	t.Cleanup(func() { s.Close(); <-done })
+	return ln.Addr().String()
+}
+
+func itoa(n int) string { return strconv.Itoa(n) }
