@@ -3,6 +3,8 @@ GO        ?= go
 VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -X github.com/vpcreach/vpcreach/internal/cli.Version=$(VERSION)
 FUZZTIME  ?= 10s
+# packages with fuzz targets: protocol decoders, the PROXY header, configs, the front end
+FUZZPKGS  ?= ./tunnel ./internal/proxyproto ./internal/server ./internal/agent ./internal/socks
 BENCHFLAGS ?=
 # package: output directory, target architecture (GOARCH), reproducible file times
 DIST      ?= dist
@@ -31,15 +33,14 @@ test:
 bench:
 	$(GO) run ./tools/vpcbench $(BENCHFLAGS)
 
-## fuzz: run each Fuzz target in ./tunnel for FUZZTIME (default 10s)
+## fuzz: run each Fuzz target in FUZZPKGS for FUZZTIME (default 10s; CI: 3s)
 fuzz:
 	@set -e; \
-	list=$$($(GO) test -list '^Fuzz' ./tunnel); \
-	targets=$$(printf '%s\n' "$$list" | grep '^Fuzz' || true); \
-	if [ -z "$$targets" ]; then echo "no Fuzz targets in ./tunnel"; exit 0; fi; \
-	for f in $$targets; do \
-		echo "==> $$f for $(FUZZTIME)"; \
-		$(GO) test -run='^$$' -fuzz="^$$f$$" -fuzztime=$(FUZZTIME) ./tunnel; \
+	for pkg in $(FUZZPKGS); do \
+		for f in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz' || true); do \
+			echo "==> $$pkg $$f for $(FUZZTIME)"; \
+			$(GO) test -run='^$$' -fuzz="^$$f$$" -fuzztime=$(FUZZTIME) $$pkg; \
+		done; \
 	done
 
 ## package: .deb packages vpcreach-agent and vpcreach-proxyserver into $(DIST)/

@@ -239,3 +239,24 @@ func TestRedisCacheServesStaleWhileDown(t *testing.T) {
 		t.Fatalf("uncached lookup with Redis down = %v, want a store error", err)
 	}
 }
+
+// The ACL documented in SECURITY.md is enough for a member and socks5d:
+// the contract suite passes as that user, limited to its key prefix.
+func TestRedisACLUserFromSecurityDoc(t *testing.T) {
+	srv := redistest.Start(t)
+	if got := srv.Do(t, "ACL", "SETUSER", "vpcreach", "on", ">acl-password-0123", "~vpcreach:*", "&vpcreach:*",
+		"+@read", "+@write", "+@scripting", "+@pubsub", "+ping", "+info", "-@dangerous"); got != "OK" {
+		t.Fatalf("ACL SETUSER: %s", got)
+	}
+	registrytest.Run(t, func(t *testing.T) registry.Registry {
+		return openRedis(t, registry.RedisOptions{Addrs: []string{srv.Addr}, Username: "vpcreach",
+			Password: "acl-password-0123", Prefix: fmt.Sprintf("vpcreach:t%d:", prefixes.Add(1))})
+	})
+	// Outside its prefix the user can do nothing.
+	r := openRedis(t, registry.RedisOptions{Addrs: []string{srv.Addr}, Username: "vpcreach",
+		Password: "acl-password-0123", Prefix: "other:"})
+	defer r.Close()
+	if err := r.Register(t.Context(), redisRoute("10.1.0.5:6379", "s", 1), time.Minute); err == nil {
+		t.Fatal("the ACL user wrote outside its key prefix")
+	}
+}
