@@ -30,6 +30,16 @@ func TestConfigErrorsNameTheKey(t *testing.T) {
 		{"bad duration", base + "lease: fast\n", "lease"},
 		{"unknown nested key", base + "tunnel: {windw: 5}\n", "windw"},
 		{"bad log level", base + "log: {level: loud}\n", "log.level"},
+		{"bad policy CIDR", base + "policy: [{identity: a, allow: ['10.0.0.0/33:80']}]\n", "policy[0]"},
+		{"bad policy port", base + "policy: [{identity: a, allow: ['10.0.0.0/8:0']}]\n", "policy[0]"},
+		{"bad proxy_allow", base + "proxy_allow: [not-a-cidr]\n", "proxy_allow"},
+		{"bad relay_allow", base + "relay_allow: [10.0.0.0/40]\n", "relay_allow"},
+		{"bad proxy_bind", base + "proxy_bind: nowhere\n", "proxy_bind"},
+		{"bad balancer", base + "proxy_protocol_from: [x.y]\n", "proxy_protocol_from"},
+		{"token and tokens_file", base + "tokens_file: " + tok + "\n", "tokens_file"},
+		{"tokens_file not a map", strings.Replace(base, "token: {file: "+tok+"}", "tokens_file: "+tok, 1), "tokens_file"},
+		{"tls without key", base + "tls: {cert_file: /nonexistent}\n", "tls"},
+		{"min_agent_version", base + "min_agent_version: 9\n", "min_agent_version"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := config.Parse([]byte(tc.yaml), &Config{})
