@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/vpcreach/vpcreach/internal/admin"
+	"github.com/vpcreach/vpcreach/internal/logx"
 	"github.com/vpcreach/vpcreach/internal/netx"
 	"github.com/vpcreach/vpcreach/internal/socks"
 	"github.com/vpcreach/vpcreach/registry"
@@ -84,6 +85,7 @@ type Server struct {
 	adminSrv     *admin.Server
 	started      chan struct{} // closed when Start has bound every listener
 	deniedLog    atomic.Int64  // time of the last "source not allowed" log line
+	relayLog     logx.Limiter  // relay refusals: per connection, so rate-limited
 }
 
 // New builds a server from a validated config. reg is the route store;

@@ -126,7 +126,7 @@ func (s *Server) handleTunnel(conn net.Conn) {
 	log := s.log.With("remote", remote, "agent", hello.AgentID, "session", hello.SessionID)
 	refuse := func(code, reason string) {
 		s.refused(code)
-		log.Warn("tunnel refused", "code", code, "reason", reason)
+		log.Warn("tunnel refused", "audit", "refusal", "code", code, "reason", reason)
 		tunnel.Refuse(conn, &tunnel.Refusal{Code: code, Reason: reason})
 	}
 	version, err := tunnel.Negotiate(hello.MinVersion, hello.MaxVersion)
@@ -170,7 +170,7 @@ func (s *Server) handleTunnel(conn net.Conn) {
 	s.sessions[as] = struct{}{}
 	s.mu.Unlock()
 	s.Stats.Tunnels.Add(1)
-	log.Info("agent session started", "version", version, "generation", hello.Generation,
+	log.Info("agent session started", "audit", "session_start", "identity", identity, "version", version, "generation", hello.Generation,
 		"routes", len(made), "refused", len(refused))
 	for _, r := range refused {
 		log.Warn("target refused", "target", r.Target.String(), "reason", r.Reason)
@@ -181,7 +181,7 @@ func (s *Server) handleTunnel(conn net.Conn) {
 	ts.Close()
 	s.dropSession(as)
 	s.Stats.Tunnels.Add(-1)
-	log.Info("agent session ended")
+	log.Info("agent session ended", "audit", "session_end", "identity", identity)
 }
 
 // admitSource counts a control connection from remote (ip:port) against
@@ -567,7 +567,10 @@ func (s *Server) handleRelay(c net.Conn) {
 	_ = c.SetReadDeadline(time.Time{})
 	answer := func(st tunnel.Status, msg string, args ...any) {
 		s.Stats.RelayRefusals.Add(1)
-		s.log.Info(msg, append(args, "client", c.RemoteAddr().String(), "status", st.String())...)
+		if s.relayLog.Allow() { // per connection: rate-limited
+			s.log.Info(msg, append(args, "client", c.RemoteAddr().String(), "status", st.String(),
+				"suppressed", s.relayLog.Suppressed())...)
+		}
 		_ = c.SetWriteDeadline(time.Now().Add(time.Second))
 		_, _ = c.Write([]byte{byte(st)})
 		c.Close()
