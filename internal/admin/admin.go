@@ -11,6 +11,8 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -113,6 +115,9 @@ func Listen(addr string, h http.Handler, log *slog.Logger) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
+	if ap, err := netip.ParseAddrPort(ln.Addr().String()); err == nil && ap.Addr().IsLoopback() {
+		h = loopbackOnly(h)
+	}
 	s := &Server{ln: ln, done: make(chan struct{}),
 		http: &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second,
 			ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug)}}
@@ -193,4 +198,23 @@ func (r *Reasons) Register(reg prometheus.Registerer, name, help, label string) 
 		Counter(reg, name, help, &r.vals[i], prometheus.Labels{label: n})
 	}
 	Counter(reg, name, help, &r.other, prometheus.Labels{label: "other"})
+}
+
+// loopbackOnly refuses requests whose Host is not a loopback address or
+// "localhost": on a loopback listener, a web page the operator visits
+// cannot read the admin listener through DNS rebinding (its requests carry
+// the attacker's host name).
+func loopbackOnly(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		host := r.Host
+		if hh, _, err := net.SplitHostPort(host); err == nil {
+			host = hh
+		}
+		a, err := netip.ParseAddr(strings.Trim(host, "[]"))
+		if host != "localhost" && (err != nil || !a.IsLoopback()) {
+			http.Error(w, "admin listener: Host must be a loopback address or localhost", http.StatusMisdirectedRequest)
+			return
+		}
+		h.ServeHTTP(w, r)
+	})
 }
