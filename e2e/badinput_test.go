@@ -154,41 +154,49 @@ func TestJunkConnectionsDoNotStarveAgents(t *testing.T) {
 		}
 		return float64(size) / time.Since(start).Seconds()
 	}
-	bulk() // warm-up
-	clean := bulk()
-
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	var opened sync.WaitGroup
-	for i := range 2000 {
-		wg.Add(1)
-		opened.Add(1)
-		go func() {
-			defer wg.Done()
-			c, err := net.Dial("tcp", srv.ControlAddr().String())
-			opened.Done()
-			if err != nil {
-				return
-			}
-			defer c.Close()
-			switch i % 3 {
-			case 0:
-				_, _ = c.Write([]byte("garbage garbage garbage"))
-			case 1:
-				_, _ = c.Write(tunnel.Magic[:4]) // stalls mid-magic
-			case 2:
-				_, _ = c.Write(append(tunnel.Magic[:], 0, 0, 0xFF, 0xFF)) // a frame that never comes
-			}
-			select {
-			case <-stop:
-			case <-time.After(10 * time.Second):
-			}
-		}()
+	// junk opens 2,000 junk connections (garbage, a stall mid-magic, a
+	// frame that never comes), runs f while they are open, closes them.
+	junk := func(f func()) {
+		stop := make(chan struct{})
+		var wg, opened sync.WaitGroup
+		for i := range 2000 {
+			wg.Add(1)
+			opened.Add(1)
+			go func() {
+				defer wg.Done()
+				c, err := net.Dial("tcp", srv.ControlAddr().String())
+				opened.Done()
+				if err != nil {
+					return
+				}
+				defer c.Close()
+				switch i % 3 {
+				case 0:
+					_, _ = c.Write([]byte("garbage garbage garbage"))
+				case 1:
+					_, _ = c.Write(tunnel.Magic[:4])
+				case 2:
+					_, _ = c.Write(append(tunnel.Magic[:], 0, 0, 0xFF, 0xFF))
+				}
+				select {
+				case <-stop:
+				case <-time.After(30 * time.Second):
+				}
+			}()
+		}
+		opened.Wait()
+		f()
+		close(stop)
+		wg.Wait()
 	}
-	opened.Wait()
-	junky := bulk()
-	close(stop)
-	wg.Wait()
+	bulk() // warm-up
+	// Alternate the phases and keep each one's best run: the machine is
+	// shared, and a neighbour's burst must not decide the ratio.
+	var clean, junky float64
+	for range 4 {
+		clean = max(clean, bulk())
+		junk(func() { junky = max(junky, bulk()) })
+	}
 	ratio := junky / clean
 	t.Logf("bulk through the tunnel: %.0f MB/s clean, %.0f MB/s under 2,000 junk connections (%.2fx)", clean/1e6, junky/1e6, ratio)
 	if ratio < 0.7 {

@@ -267,7 +267,8 @@ func (s *Server) warnAuth(a *authState) {
 
 // Apply takes a new configuration on SIGHUP (loaded and validated). The
 // credentials (token, tokens_file, TLS certificate and client CA), the
-// minimum agent version and the claim policy change live; sessions whose
+// minimum agent version, the claim policy and the in-process SOCKS5 front
+// end's users and ACLs change live; sessions whose
 // credentials no longer pass are closed at once and routes the new policy
 // no longer allows are removed at once (revocation). Anything else needs a
 // restart: a change there is refused and the running configuration stays.
@@ -278,6 +279,13 @@ func (s *Server) Apply(cfg *Config) error {
 	a, err := loadAuth(cfg)
 	if err != nil {
 		return err
+	}
+	if s.socks != nil && cfg.Socks5 != nil {
+		// The in-process front end: users, ACLs and timeouts live; its
+		// own Apply refuses a listen change.
+		if err := s.socks.Apply(*cfg.Socks5); err != nil {
+			return fmt.Errorf("socks5: %w", err)
+		}
 	}
 	s.auth.Store(a)
 	s.warnAuth(a)
@@ -325,8 +333,12 @@ func (s *Server) revoke(a *authState) {
 // and the new configuration and cannot change without a restart.
 func restartField(cur, next *Config) string {
 	a, b := *cur, *next
+	if (a.Socks5 == nil) != (b.Socks5 == nil) {
+		return "socks5"
+	}
 	for _, c := range []*Config{&a, &b} {
 		c.Token, c.TokensFile, c.TLS, c.InsecureNoAuth, c.MinAgentVersion, c.Policy = config.Secret{}, "", nil, false, 0, nil
+		c.Socks5 = nil // applied by the front end itself
 	}
 	av, bv := reflect.ValueOf(a), reflect.ValueOf(b)
 	for i := range av.NumField() {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"reflect"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -91,12 +92,14 @@ type Daemon struct {
 	// Bound, if set, receives the bound address once listening.
 	Bound chan<- net.Addr
 	ready chan struct{} // closed once listening
+	grace atomic.Int64  // drain_grace, which Apply may change
 }
 
 // NewDaemon builds a standalone socks5d reading routes from Redis through
 // a cache, or from a proxy server's lookup API.
 func NewDaemon(cfg DaemonConfig, log *slog.Logger) (*Daemon, error) {
 	d := &Daemon{cfg: cfg, log: log, ready: make(chan struct{})}
+	d.grace.Store(int64(cfg.DrainGrace))
 	var routes registry.Reader
 	if cfg.LookupAPI != "" {
 		routes = registry.NewAPIClient(cfg.LookupAPI, nil)
@@ -143,7 +146,7 @@ func (d *Daemon) Run(ctx, hard context.Context) error {
 		d.admin = as
 		defer as.Close()
 	}
-	d.log.Info("socks5d started", "listen", ln.Addr().String(), "routes", source)
+	d.log.Info("socks5d started", "listen", ln.Addr().String(), "routes", source, "users", len(d.cfg.Users))
 	close(d.ready)
 	if d.Bound != nil {
 		d.Bound <- ln.Addr()
@@ -160,7 +163,7 @@ func (d *Daemon) Run(ctx, hard context.Context) error {
 	}()
 	<-ctx.Done()
 	stopping.Store(true)
-	d.srv.Shutdown(hard, d.cfg.DrainGrace)
+	d.srv.Shutdown(hard, time.Duration(d.grace.Load()))
 	<-done
 	stopFollow()
 	<-follow
@@ -187,7 +190,42 @@ func (d *Daemon) pingRegistry(ctx context.Context) error {
 	return nil
 }
 
-// Reload is called on SIGHUP. Nothing is reloadable yet.
+// Reload is the SIGHUP fallback of a caller that has no new
+// configuration to give (cli.Main calls Apply instead): nothing changes.
 func (d *Daemon) Reload() {
-	d.log.Info("reload: nothing to reload in this version; configuration unchanged")
+	d.log.Info("reload: no new configuration given; configuration unchanged")
+}
+
+// Apply takes a reloaded configuration (loaded and validated): users and
+// their ACLs, timeouts, network, max_conns_per_source and drain_grace
+// change at once, without dropping open connections that the new users
+// and ACLs still allow (Server.Apply closes the others). listen,
+// lookup_api, registry, cache, admin and log need a restart: a change to
+// any of them refuses the whole reload with an error naming them, and
+// the running configuration stays.
+func (d *Daemon) Apply(cfg *DaemonConfig) error {
+	var keys []string
+	for _, k := range []struct {
+		name string
+		same bool
+	}{
+		{"listen", cfg.Listen == d.cfg.Listen},
+		{"lookup_api", cfg.LookupAPI == d.cfg.LookupAPI},
+		{"registry", reflect.DeepEqual(cfg.Registry, d.cfg.Registry)},
+		{"cache", cfg.Cache == d.cfg.Cache},
+		{"admin", cfg.Admin == d.cfg.Admin},
+		{"log", cfg.Log == d.cfg.Log},
+	} {
+		if !k.same {
+			keys = append(keys, k.name)
+		}
+	}
+	if len(keys) > 0 {
+		return fmt.Errorf("%s changed: %w", strings.Join(keys, ", "), ErrRestartNeeded)
+	}
+	if err := d.srv.Apply(cfg.Config); err != nil {
+		return err
+	}
+	d.grace.Store(int64(cfg.DrainGrace))
+	return nil
 }

@@ -30,8 +30,9 @@ const maxHTTPHeader = 16 << 10
 
 // serveHTTP serves one HTTP proxy request on c. br reads c through lr,
 // which bounds the request head; it is lifted once the head is read.
-func (s *Server) serveHTTP(c net.Conn, br *bufio.Reader, lr *headLimit) {
-	log := s.log.With("client", c.RemoteAddr().String(), "proto", "http")
+func (s *Server) serveHTTP(c net.Conn, st *connState, br *bufio.Reader, lr *headLimit) {
+	client := c.RemoteAddr().String()
+	log := s.log.With("client", client, "proto", "http")
 	req, err := http.ReadRequest(br)
 	if err != nil {
 		s.results.Inc("bad request")
@@ -40,6 +41,25 @@ func (s *Server) serveHTTP(c net.Conn, br *bufio.Reader, lr *headLimit) {
 		return
 	}
 	lr.lift()
+	// Authentication comes first: without it nothing about targets is
+	// answered.
+	if t := s.live.Load().auth; t.required() {
+		h := req.Header.Get("Proxy-Authorization")
+		u, name := t.checkBasic(h)
+		if u == nil {
+			s.results.Inc("auth failed")
+			writeAuthRequired(c)
+			if h == "" {
+				s.logLimited("auth", client, "http proxy: authentication required", "client", client, "proto", "http")
+			} else {
+				s.logLimited("auth", client, "http proxy: authentication failed", "client", client, "proto", "http", "user", name)
+			}
+			return
+		}
+		s.mu.Lock()
+		st.user = u
+		s.mu.Unlock()
+	}
 	hostport, err := proxyTarget(req)
 	if err != nil {
 		s.results.Inc("bad request")
@@ -54,13 +74,23 @@ func (s *Server) serveHTTP(c net.Conn, br *bufio.Reader, lr *headLimit) {
 		log.Info("http proxy: refused: not an ip:port", "target", hostport)
 		return
 	}
-	key := registry.Key{Network: s.cfg.Network, Addr: netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())}
-	relay, st, err := s.dial(context.Background(), key, c.RemoteAddr().String())
-	s.results.Inc(st.String())
-	if st != tunnel.StatusOK {
-		code, text := httpStatusFor(st)
-		writeHTTPError(c, code, text+" ("+st.String()+")")
-		log.Info("http proxy: connect failed", "target", key.String(), "status", st.String(), "err", err)
+	key := registry.Key{Network: st.set.cfg.Network, Addr: netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())}
+	if user, why := s.permit(st, key); why != allowed {
+		s.results.Inc("denied")
+		if why == needsAuth { // the user went away in a reload since
+			writeAuthRequired(c)
+		} else {
+			writeHTTPError(c, http.StatusForbidden, "this target is not allowed for user "+user)
+		}
+		log.Info("http proxy: connect denied", "user", user, "target", key.String(), "reason", why.String())
+		return
+	}
+	relay, status, err := s.dial(context.Background(), st.set, key, client)
+	s.results.Inc(status.String())
+	if status != tunnel.StatusOK {
+		code, text := httpStatusFor(status)
+		writeHTTPError(c, code, text+" ("+status.String()+")")
+		log.Info("http proxy: connect failed", "target", key.String(), "status", status.String(), "err", err)
 		return
 	}
 	_ = c.SetDeadline(time.Time{})
@@ -77,7 +107,7 @@ func (s *Server) serveHTTP(c net.Conn, br *bufio.Reader, lr *headLimit) {
 		user = &readerConn{Conn: c, r: io.MultiReader(strings.NewReader(originHead(req)), br)}
 	}
 	log.Debug("http proxy connected", "method", req.Method, "target", key.String())
-	res := tunnel.SpliceCounted(user, relay, s.cfg.IdleTimeout, &s.bytes)
+	res := tunnel.SpliceCounted(user, relay, st.set.cfg.IdleTimeout, &s.bytes)
 	if res.Aborted {
 		log.Debug("http proxy connection reset", "target", key.String(), "err", res.Err)
 	}
@@ -163,9 +193,19 @@ func httpStatusFor(st tunnel.Status) (int, string) {
 	return http.StatusBadGateway, "proxy error"
 }
 
-func writeHTTPError(c net.Conn, code int, msg string) {
+func writeHTTPError(c net.Conn, code int, msg string) { writeHTTPResponse(c, code, "", msg) }
+
+// writeAuthRequired answers 407 with the Basic challenge.
+func writeAuthRequired(c net.Conn) {
+	writeHTTPResponse(c, http.StatusProxyAuthRequired, "Proxy-Authenticate: Basic realm=\"vpcreach\"\r\n",
+		"proxy authentication required")
+}
+
+// writeHTTPResponse writes a complete response; extra is more header
+// lines, each ending in CRLF.
+func writeHTTPResponse(c net.Conn, code int, extra, msg string) {
 	_ = c.SetWriteDeadline(time.Now().Add(time.Second))
 	body := msg + "\n"
-	fmt.Fprintf(c, "HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %s\r\nConnection: close\r\n\r\n%s",
-		code, http.StatusText(code), strconv.Itoa(len(body)), body)
+	fmt.Fprintf(c, "HTTP/1.1 %d %s\r\n%sContent-Type: text/plain; charset=utf-8\r\nContent-Length: %s\r\nConnection: close\r\n\r\n%s",
+		code, http.StatusText(code), extra, strconv.Itoa(len(body)), body)
 }

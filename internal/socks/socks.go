@@ -3,7 +3,10 @@
 // package owns the accept loop, the protocol sniffing and the CONNECT path. A CONNECT looks
 // the target's route up and connects through the owning proxy server's
 // relay port, so the reply code is the real outcome; nothing is ever
-// dialled directly, and no name is resolved on the proxy host.
+// dialled directly, and no name is resolved on the proxy host. With users
+// configured, clients authenticate (auth.go) and each CONNECT is checked
+// against the user's allow list; Apply (reload.go) swaps users and
+// settings live. limits.go holds the per-source cap.
 package socks
 
 import (
@@ -15,6 +18,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -25,6 +29,7 @@ import (
 
 	"github.com/vpcreach/vpcreach/internal/admin"
 	"github.com/vpcreach/vpcreach/internal/config"
+	"github.com/vpcreach/vpcreach/internal/logx"
 	"github.com/vpcreach/vpcreach/internal/netx"
 	"github.com/vpcreach/vpcreach/registry"
 	"github.com/vpcreach/vpcreach/tunnel"
@@ -47,7 +52,21 @@ type Config struct {
 	RelayDialTimeout time.Duration `yaml:"relay_dial_timeout"`
 	// IdleTimeout closes connections idle this long. Default 1 h.
 	IdleTimeout time.Duration `yaml:"idle_timeout"`
+	// MaxConnsPerSource caps the open client connections from one IP
+	// address; more are closed at once (a log line, at most one per
+	// source per second, and a counter). Default 256.
+	MaxConnsPerSource int `yaml:"max_conns_per_source"`
+	// Users, when set, require authentication (RFC 1929 for SOCKS5,
+	// Proxy-Authorization: Basic for HTTP) and limit each user to its
+	// allow list. Empty: no authentication, any target with a route.
+	Users []User `yaml:"users"`
+
+	// auth is the compiled Users, filled by Validate.
+	auth *authTable
 }
+
+// DefaultMaxConnsPerSource is the default of max_conns_per_source.
+const DefaultMaxConnsPerSource = 256
 
 // Validate fills defaults and checks the fields.
 func (c *Config) Validate() error {
@@ -66,21 +85,40 @@ func (c *Config) Validate() error {
 	p.Duration(&c.ConnectTimeout, 10*time.Second, "connect_timeout")
 	p.Duration(&c.RelayDialTimeout, 2*time.Second, "relay_dial_timeout")
 	p.Duration(&c.IdleTimeout, time.Hour, "idle_timeout")
+	if c.MaxConnsPerSource == 0 {
+		c.MaxConnsPerSource = DefaultMaxConnsPerSource
+	} else if c.MaxConnsPerSource < 0 {
+		p.Addf("max_conns_per_source", "must be positive")
+	}
+	c.auth = compileUsers(c.Users, c.Network, &p, "users")
 	return p.Err()
 }
 
 // Server is a SOCKS5 front end. Serve runs its accept loop; Close stops it
 // and every connection it serves.
 type Server struct {
-	cfg    Config
 	routes registry.Reader
 	log    *slog.Logger
-	s5     *socks5.Server
+	// s5open offers no authentication, s5auth username/password only;
+	// each connection gets one of them by the users configured when it
+	// arrives.
+	s5open, s5auth *socks5.Server
+	// live holds the settings that Apply swaps; each connection takes a
+	// snapshot when it arrives, but who may connect where is decided by
+	// the newest one.
+	live    atomic.Pointer[settings]
+	applyMu sync.Mutex   // serialises Apply
+	logs    *logLimit    // per source and kind
+	logsAll logx.Limiter // all sources together
+	// testHook, when set (tests only), runs first for every connection
+	// inside its panic recovery.
+	testHook func(net.Conn)
 
-	mu     sync.Mutex
-	conns  map[net.Conn]struct{}
-	lns    map[net.Listener]struct{}
-	closed bool
+	mu      sync.Mutex
+	conns   map[net.Conn]*connState
+	sources map[string]int // open connections by client IP
+	lns     map[net.Listener]struct{}
+	closed  bool
 	// stopping is set by Shutdown: no new connection is tracked after it,
 	// so wg.Add never races with Shutdown's Wait.
 	stopping bool
@@ -90,11 +128,32 @@ type Server struct {
 	open    atomic.Int64    // client connections being served
 	bytes   tunnel.Counters // Up: client->target, Down: target->client
 	results *admin.Reasons
+	capped  atomic.Int64 // connections closed by max_conns_per_source
+	revoked atomic.Int64 // open connections closed by a reload
+}
+
+// settings is what Apply swaps: an immutable snapshot.
+type settings struct {
+	cfg  Config
+	auth *authTable // nil: no authentication
+}
+
+// connState is what the server knows of one client connection.
+type connState struct {
+	set    *settings // at accept
+	source string    // client IP
+	// Under Server.mu: the user it authenticated as (nil: none), and
+	// the target once a CONNECT was allowed, for a reload to re-check.
+	user      *userEntry
+	key       registry.Key
+	connected bool
 }
 
 // connectResults are the bounded label values of CONNECT outcomes.
+// "auth failed" counts failed authentications (SOCKS5 and HTTP 407),
+// "denied" CONNECTs an ACL refused.
 var connectResults = []string{"ok", "no route", "unreachable", "refused", "not exposed", "busy",
-	"stale", "draining", "bad request", "not supported"}
+	"stale", "draining", "bad request", "not supported", "denied", "auth failed"}
 
 // RegisterMetrics exposes the front end's counters; sub prefixes the
 // names ("socks5d", or "server" for the in-process front end).
@@ -103,6 +162,8 @@ func (s *Server) RegisterMetrics(reg prometheus.Registerer, sub string) {
 	s.results.Register(reg, sub+"_socks_connects_total", "SOCKS5 CONNECT requests by result.", "result")
 	admin.Counter(reg, sub+"_socks_bytes_total", "Bytes carried, by direction.", &s.bytes.Up, prometheus.Labels{"direction": "to_target"})
 	admin.Counter(reg, sub+"_socks_bytes_total", "Bytes carried, by direction.", &s.bytes.Down, prometheus.Labels{"direction": "from_target"})
+	admin.Counter(reg, sub+"_socks_connections_refused_total", "Client connections closed at once, by reason.", &s.capped, prometheus.Labels{"reason": "per_source_cap"})
+	admin.Counter(reg, sub+"_socks_connections_revoked_total", "Open connections closed by a reload that removed their user or narrowed their ACL.", &s.revoked, nil)
 	if c, ok := s.routes.(*registry.Cache); ok {
 		name, help := sub+"_route_lookups_total", "Route lookups by result."
 		admin.Counter(reg, name, help, &c.Stats.Hits, prometheus.Labels{"result": "hit"})
@@ -115,16 +176,46 @@ func (s *Server) RegisterMetrics(reg prometheus.Registerer, sub string) {
 // New returns a front end that finds routes in routes. cfg must have
 // passed Validate.
 func New(cfg Config, routes registry.Reader, log *slog.Logger) *Server {
-	s := &Server{cfg: cfg, routes: routes, log: log.With("part", "socks5"), results: admin.NewReasons(connectResults...),
-		conns: map[net.Conn]struct{}{}, lns: map[net.Listener]struct{}{}}
-	s.s5 = socks5.NewServer(
-		socks5.WithResolver(literalResolver{}),
-		socks5.WithConnectHandle(s.connect),
-		socks5.WithBindHandle(s.notSupported),
-		socks5.WithAssociateHandle(s.notSupported),
-		socks5.WithLogger(s5log{s.log}),
-	)
+	s := &Server{routes: routes, log: log.With("part", "socks5"), results: admin.NewReasons(connectResults...),
+		conns: map[net.Conn]*connState{}, sources: map[string]int{}, lns: map[net.Listener]struct{}{},
+		logs: newLogLimit(time.Second), logsAll: logx.Limiter{Burst: logBurst, Every: time.Second}}
+	set, err := newSettings(cfg)
+	if err != nil {
+		// Validate would have refused this: fail closed, nobody gets in.
+		s.log.Error("users cannot be loaded; every client is refused", "err", err)
+	}
+	s.live.Store(set)
+	opts := func(auth socks5.Authenticator) []socks5.Option {
+		return []socks5.Option{
+			socks5.WithAuthMethods([]socks5.Authenticator{auth}),
+			socks5.WithResolver(literalResolver{}),
+			socks5.WithConnectHandle(s.connect),
+			socks5.WithBindHandle(s.notSupported),
+			socks5.WithAssociateHandle(s.notSupported),
+			socks5.WithLogger(s5log{s.log}),
+		}
+	}
+	s.s5open = socks5.NewServer(opts(socks5.NoAuthAuthenticator{})...)
+	s.s5auth = socks5.NewServer(opts(userPassAuth{s})...)
 	return s
+}
+
+// newSettings makes the live settings of cfg, compiling its users unless
+// Validate did. On error the settings require authentication that no one
+// passes.
+func newSettings(cfg Config) (*settings, error) {
+	if cfg.MaxConnsPerSource <= 0 {
+		cfg.MaxConnsPerSource = DefaultMaxConnsPerSource
+	}
+	set := &settings{cfg: cfg, auth: cfg.auth}
+	if set.auth == nil && len(cfg.Users) > 0 {
+		var p config.Problems
+		if set.auth = compileUsers(cfg.Users, cfg.Network, &p, "users"); set.auth == nil {
+			set.auth = &authTable{denyAll: true}
+			return set, p.Err()
+		}
+	}
+	return set, nil
 }
 
 // literalResolver resolves IP literals only. Other names pass through
@@ -162,50 +253,83 @@ func (s *Server) Serve(ln net.Listener) error {
 	s.lns[ln] = struct{}{}
 	s.mu.Unlock()
 	return netx.AcceptLoop(ln, s.log, func(c net.Conn) {
-		if !s.track(c) {
-			c.Close()
-			return
+		if st := s.track(c); st != nil {
+			go s.serveTracked(c, st)
 		}
-		go func() {
-			defer s.wg.Done()
-			defer s.untrack(c)
-			s.open.Add(1)
-			defer s.open.Add(-1)
-			s.ServeConn(c)
-		}()
 	})
 }
 
 // track registers a new connection and counts it in wg, under mu so that
-// it cannot race with Shutdown's wait; false once the server stops.
-func (s *Server) track(c net.Conn) bool {
+// it cannot race with Shutdown's wait. It closes c and returns nil once
+// the server stops, or when c's source is at max_conns_per_source.
+func (s *Server) track(c net.Conn) *connState {
+	set := s.live.Load()
+	src := sourceOf(c)
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if s.closed || s.stopping {
-		return false
+		s.mu.Unlock()
+		c.Close()
+		return nil
 	}
-	s.conns[c] = struct{}{}
+	if n := s.sources[src]; n >= set.cfg.MaxConnsPerSource {
+		s.mu.Unlock()
+		c.Close()
+		s.capped.Add(1)
+		s.logLimited("cap", src, "connection refused: too many connections from this source",
+			"client", c.RemoteAddr().String(), "open", n, "max_conns_per_source", set.cfg.MaxConnsPerSource)
+		return nil
+	}
+	s.sources[src]++
+	st := &connState{set: set, source: src}
+	s.conns[c] = st
 	s.wg.Add(1)
-	return true
+	s.mu.Unlock()
+	return st
 }
 
-func (s *Server) untrack(c net.Conn) {
+func (s *Server) untrack(c net.Conn, st *connState) {
 	s.mu.Lock()
 	delete(s.conns, c)
+	if s.sources[st.source]--; s.sources[st.source] <= 0 {
+		delete(s.sources, st.source)
+	}
 	s.mu.Unlock()
 }
 
-// ServeConn serves one client connection and closes it.
+// ServeConn serves one client connection and closes it. It counts
+// against max_conns_per_source, and Close closes it, as if Serve had
+// accepted it.
 func (s *Server) ServeConn(c net.Conn) {
+	if st := s.track(c); st != nil {
+		s.serveTracked(c, st)
+	}
+}
+
+func (s *Server) serveTracked(c net.Conn, st *connState) {
+	defer s.wg.Done()
+	defer s.untrack(c, st)
+	s.open.Add(1)
+	defer s.open.Add(-1)
+	s.serve(c, st)
+}
+
+// serve serves one tracked connection and closes it. A panic is
+// recovered and logged, and ends this connection only.
+func (s *Server) serve(c net.Conn, st *connState) {
 	defer func() {
 		if r := recover(); r != nil {
-			s.log.Error("panic serving connection", "client", c.RemoteAddr().String(), "panic", r)
+			s.log.Error("panic serving connection", "client", c.RemoteAddr().String(), "panic", r,
+				"stack", string(debug.Stack()))
 			c.Close()
 		}
 	}()
 	defer c.Close()
+	if s.testHook != nil {
+		s.testHook(c)
+	}
 	netx.KeepAlive(c, 30*time.Second, 10*time.Second, 3)
-	_ = c.SetDeadline(time.Now().Add(s.cfg.HandshakeTimeout))
+	_ = c.SetDeadline(time.Now().Add(st.set.cfg.HandshakeTimeout))
+	client := c.RemoteAddr().String()
 	// The first byte decides: 5 is a SOCKS5 greeting, anything else an
 	// HTTP proxy request (http.go).
 	lr := &headLimit{r: c, n: maxHTTPHeader}
@@ -213,24 +337,36 @@ func (s *Server) ServeConn(c net.Conn) {
 	first, err := br.Peek(1)
 	if err != nil {
 		if errors.Is(err, io.EOF) {
-			s.log.Debug("connection closed before its first byte", "client", c.RemoteAddr().String())
+			s.log.Debug("connection closed before its first byte", "client", client)
 		} else {
-			s.log.Info("no request", "client", c.RemoteAddr().String(), "err", err)
+			s.log.Info("no request", "client", client, "err", err)
 		}
 		return
 	}
 	if first[0] != socks5Version {
-		s.serveHTTP(c, br, lr)
+		s.serveHTTP(c, st, br, lr)
 		return
 	}
 	lr.lift()
-	switch err := s.s5.ServeConn(&readerConn{Conn: c, r: br}); {
+	s5, authRequired := s.s5open, st.set.auth.required()
+	if authRequired {
+		s5 = s.s5auth
+	}
+	switch err := s5.ServeConn(&readerConn{Conn: c, r: br, st: st}); {
 	case err == nil, errors.Is(err, errHandled):
+	case errors.Is(err, statute.ErrNoSupportedAuth):
+		if authRequired {
+			s.results.Inc("auth failed")
+			s.logLimited("auth", client, "socks5 client offers no username/password method; authentication is required", "client", client)
+		} else {
+			s.results.Inc("bad request")
+			s.logLimited("auth", client, "socks5 client does not offer the no-authentication method", "client", client)
+		}
 	case errors.Is(err, io.EOF) && !errors.Is(err, io.ErrUnexpectedEOF):
 		// Closed before a greeting: a port check, not a client.
-		s.log.Debug("socks5 connection closed before its greeting", "client", c.RemoteAddr().String())
+		s.log.Debug("socks5 connection closed before its greeting", "client", client)
 	default:
-		s.log.Info("socks5 request failed", "client", c.RemoteAddr().String(), "err", err)
+		s.log.Info("socks5 request failed", "client", client, "err", err)
 	}
 }
 
@@ -294,7 +430,8 @@ func replyFor(st tunnel.Status) uint8 {
 
 // connect is the CONNECT handler. w is the client connection.
 func (s *Server) connect(ctx context.Context, w io.Writer, req *socks5.Request) error {
-	client := w.(net.Conn)
+	client := w.(*readerConn)
+	st := client.st
 	log := s.log.With("client", client.RemoteAddr().String())
 	dst := req.DestAddr
 	if dst.IP == nil {
@@ -304,18 +441,24 @@ func (s *Server) connect(ctx context.Context, w io.Writer, req *socks5.Request) 
 		return errHandled
 	}
 	ip, _ := netip.AddrFromSlice(dst.IP)
-	key := registry.Key{Network: s.cfg.Network, Addr: netip.AddrPortFrom(ip.Unmap(), uint16(dst.Port))}
+	key := registry.Key{Network: st.set.cfg.Network, Addr: netip.AddrPortFrom(ip.Unmap(), uint16(dst.Port))}
 	if dst.Port == 0 {
 		s.results.Inc("bad request")
 		_ = socks5.SendReply(w, statute.RepHostUnreachable, nil)
 		log.Info("socks5 connect refused: port 0", "target", key.String())
 		return errHandled
 	}
-	relay, st, err := s.dial(ctx, key, client.RemoteAddr().String())
-	s.results.Inc(st.String())
-	if st != tunnel.StatusOK {
-		_ = socks5.SendReply(w, replyFor(st), nil)
-		log.Info("socks5 connect failed", "target", key.String(), "status", st.String(), "err", err)
+	if user, why := s.permit(st, key); why != allowed {
+		s.results.Inc("denied")
+		_ = socks5.SendReply(w, statute.RepRuleFailure, nil)
+		log.Info("socks5 connect denied", "user", user, "target", key.String(), "reason", why.String())
+		return errHandled
+	}
+	relay, status, err := s.dial(ctx, st.set, key, client.RemoteAddr().String())
+	s.results.Inc(status.String())
+	if status != tunnel.StatusOK {
+		_ = socks5.SendReply(w, replyFor(status), nil)
+		log.Info("socks5 connect failed", "target", key.String(), "status", status.String(), "err", err)
 		return errHandled
 	}
 	_ = client.SetDeadline(time.Time{})
@@ -328,7 +471,7 @@ func (s *Server) connect(ctx context.Context, w io.Writer, req *socks5.Request) 
 	// member died, the target reset) reaches the client as a reset.
 	// req.Reader is go-socks5's buffered reader: bytes the client
 	// pipelined after the request are in it.
-	res := tunnel.SpliceCounted(pipelined(client, req.Reader), relay, s.cfg.IdleTimeout, &s.bytes)
+	res := tunnel.SpliceCounted(pipelined(client, req.Reader), relay, st.set.cfg.IdleTimeout, &s.bytes)
 	if res.Aborted {
 		log.Debug("socks5 connection reset", "target", key.String(), "err", res.Err)
 	}
@@ -339,8 +482,8 @@ func (s *Server) connect(ctx context.Context, w io.Writer, req *socks5.Request) 
 // port. When the member cannot be reached or answers that the route is
 // stale or unknown there, the route is dropped from the cache and looked
 // up once more; a second, different route is tried.
-func (s *Server) dial(ctx context.Context, key registry.Key, client string) (net.Conn, tunnel.Status, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.cfg.ConnectTimeout)
+func (s *Server) dial(ctx context.Context, set *settings, key registry.Key, client string) (net.Conn, tunnel.Status, error) {
+	ctx, cancel := context.WithTimeout(ctx, set.cfg.ConnectTimeout)
 	defer cancel()
 	var failed registry.Route
 	var last tunnel.Status
@@ -359,7 +502,7 @@ func (s *Server) dial(ctx context.Context, key registry.Key, client string) (net
 		if attempt > 0 && route == failed {
 			break // the store still names the route that just failed
 		}
-		c, st, err := Relay(ctx, route, client, s.cfg.RelayDialTimeout)
+		c, st, err := Relay(ctx, route, client, set.cfg.RelayDialTimeout)
 		if st == tunnel.StatusOK {
 			return c, st, nil
 		}
@@ -391,10 +534,12 @@ func pipelined(c net.Conn, r io.Reader) net.Conn {
 }
 
 // readerConn is a connection whose reads come from r (a buffered reader
-// over the connection itself).
+// over the connection itself). st, on the connection handed to
+// go-socks5, is the server's state of it.
 type readerConn struct {
 	net.Conn
-	r io.Reader
+	r  io.Reader
+	st *connState
 }
 
 func (c *readerConn) Read(p []byte) (int, error) { return c.r.Read(p) }

@@ -205,9 +205,9 @@ func TestFaultRedisRestartEmpty(t *testing.T) {
 	c.redis.Kill(t)
 	c.redis.Restart(t)
 	restarted := time.Now()
-	if got := c.redis.Do(t, "DBSIZE"); got != "0" {
-		t.Fatalf("restarted Redis holds %s keys, want an empty one", got)
-	}
+	// Restart starts an empty server (redistest's own tests prove it); the
+	// members may have re-asserted their route already, so DBSIZE is no
+	// proof here.
 	after := c.waitRoute(15*time.Second, "route re-asserted after the empty restart", func(registry.Route) bool { return true })
 	took := time.Since(restarted)
 	t.Logf("route back %v after Redis restarted empty", took.Round(time.Millisecond))
