@@ -49,7 +49,9 @@ func portRange() string {
 type serverOpt func(*server.Config)
 
 func withSocks() serverOpt {
-	return func(c *server.Config) { c.Socks5 = &socks.Config{Listen: "127.0.0.1:0"} }
+	// Every test client comes from 127.0.0.1: room for the concurrency
+	// tests above the per-source cap's default.
+	return func(c *server.Config) { c.Socks5 = &socks.Config{Listen: "127.0.0.1:0", MaxConnsPerSource: 2048} }
 }
 
 // startServer starts a proxy server on loopback over reg, closed at cleanup.
