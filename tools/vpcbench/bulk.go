@@ -22,7 +22,7 @@ var directions = []direction{{"up (client→target)", false}, {"down (-R)", true
 func runBulk(e *env, paths []*path) error {
 	t := e.iperfAddr
 	res := results{}
-	perRep := map[string]float64{}
+	vals := repValues{}
 	failures := map[string]int{}
 	for rep := 0; rep < e.o.reps; rep++ {
 		for _, p := range rotate(paths, rep) {
@@ -38,7 +38,7 @@ func runBulk(e *env, paths []*path) error {
 				c1, cerr := cpuOf(p.pids[t])
 				if err != nil {
 					failures[p.name+"|"+d.name]++
-					logf("bulk rep %d/%d %-12s %-18s FAILED: %v", rep+1, e.o.reps, p.name, d.name, err)
+					logf("bulk rep %d/%d %-15s %-18s FAILED: %v", rep+1, e.o.reps, p.name, d.name, err)
 					continue
 				}
 				if cerr != nil {
@@ -46,28 +46,34 @@ func runBulk(e *env, paths []*path) error {
 				}
 				gbps := r.bps / 1e9
 				res.add(gbps, p.name, d.name, "gbps")
-				perRep[fmt.Sprint(rep, p.name, d.name)] = gbps
+				vals.set(gbps, rep, p.name, d.name, "gbps")
 				cpuGB := ""
 				if len(p.pids[t]) > 0 {
 					v := (c1 - c0) / (float64(r.bytes) / 1e9)
 					res.add(v, p.name, d.name, "cpu")
+					vals.set(v, rep, p.name, d.name, "cpu")
 					cpuGB = fmt.Sprintf(", %.2f CPU-s/GB", v)
 				}
-				logf("bulk rep %d/%d %-12s %-18s %6.2f Gbit/s%s", rep+1, e.o.reps, p.name, d.name, gbps, cpuGB)
+				logf("bulk rep %d/%d %-15s %-18s %6.2f Gbit/s%s", rep+1, e.o.reps, p.name, d.name, gbps, cpuGB)
 			}
 		}
 	}
 	for rep := 0; rep < e.o.reps; rep++ {
 		for _, p := range paths {
 			for _, d := range directions {
-				v, ok1 := perRep[fmt.Sprint(rep, p.name, d.name)]
-				base, ok2 := perRep[fmt.Sprint(rep, pDirect, d.name)]
-				if ok1 && ok2 && base > 0 {
-					res.add(v/base, p.name, d.name, "ratio")
+				if r, ok := vals.ratio(rep, p.name, pDirect, d.name, "gbps"); ok {
+					res.add(r, p.name, d.name, "ratio")
+					vals.set(r, rep, p.name, d.name, "ratio")
 				}
 			}
 		}
 	}
+	var keys [][]string
+	for _, d := range directions {
+		keys = append(keys, []string{d.name, "gbps"}, []string{d.name, "ratio"}, []string{d.name, "cpu"})
+	}
+	addPlainRatios(res, vals, pathNames(paths), e.o.reps, keys...)
+	e.res["bulk"] = res
 	tb := &table{head: []string{"path", "direction", "Gbit/s", "× direct", "CPU-s/GB", "note"}}
 	for _, d := range directions {
 		for _, p := range paths {
@@ -75,7 +81,7 @@ func runBulk(e *env, paths []*path) error {
 			if n := failures[p.name+"|"+d.name]; n > 0 {
 				note = fmt.Sprintf("%d of %d runs failed", n, e.o.reps)
 			}
-			if p.name == pSocks {
+			if p.kind == pSocks {
 				note = join2(note, "extra in-tool forwarder hop: compare with floor+fwd")
 			}
 			tb.row(p.name, d.name, res.get(p.name, d.name, "gbps").cell(2),

@@ -2,13 +2,16 @@
 // connection and a plain-relay floor, all in one run with the paths
 // alternated on every repetition, and prints markdown tables.
 //
-//	go run ./tools/vpcbench [-reps 5] [-quick] [-only bulk,rr,mem,window] [-out FILE]
+//	go run ./tools/vpcbench [-reps 5] [-quick] [-only bulk,rr,mem,window] [-tls off|on|both] [-out FILE]
 //
 // Sections: bulk (iperf3), rr (redis-benchmark), mem (RSS per idle
 // connection), window (tunnel.window and tunnel.write_buffer under added
-// RTT). It needs iperf3, redis-benchmark and redis-server on PATH (Debian:
-// apt-get install -y iperf3 redis-tools redis-server) and builds the
-// vpcreach binaries from the module it runs in.
+// RTT). -tls on puts TLS 1.3 on the agent's tunnel (a throwaway CA and
+// certificates made at start, mutual TLS); -tls both runs the vpcreach
+// paths of bulk, rr and mem without and with it, alternated, and adds a
+// TLS cost table. It needs iperf3, redis-benchmark and redis-server on
+// PATH (Debian: apt-get install -y iperf3 redis-tools redis-server) and
+// builds the vpcreach binaries from the module it runs in.
 package main
 
 import (
@@ -45,6 +48,7 @@ type options struct {
 	winBudget time.Duration
 	bin       string
 	keep      bool
+	tls       string // tlsOff, tlsOn or tlsBoth
 }
 
 var allSections = []string{"bulk", "rr", "mem", "window"}
@@ -58,6 +62,13 @@ const (
 )
 
 var allPaths = []string{pDirect, pFloor, pProxy, pFloorFw, pSocks}
+
+// -tls modes.
+const (
+	tlsOff  = "off"
+	tlsOn   = "on"
+	tlsBoth = "both"
+)
 
 func main() {
 	if len(os.Args) > 1 && os.Args[1] == "relay" {
@@ -84,6 +95,7 @@ func parseFlags() (*options, error) {
 	fs.BoolVar(&o.grid, "window-grid", false, "window test: every window x write_buffer pair (default: vary one at a time around the defaults 4M/256K)")
 	fs.StringVar(&o.bin, "bin", "", "directory holding prebuilt proxyserver, agent and socks5d (default: go build them)")
 	fs.BoolVar(&o.keep, "keep", false, "keep the temporary directory (configs and process logs)")
+	fs.StringVar(&o.tls, "tls", tlsOff, "TLS 1.3 on the agent's tunnel: off, on, or both (the vpcreach paths of bulk, rr and mem each way, alternated; the window test then runs without)")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "usage: go run ./tools/vpcbench [flags]\n\nBenchmarks vpcreach on loopback; see the package comment.\n\n")
 		fs.PrintDefaults()
@@ -122,6 +134,9 @@ func parseFlags() (*options, error) {
 	}
 	if o.reps < 1 || o.rrReps < 1 || o.memReps < 1 || o.secs < 1 || o.conns < 1 {
 		return nil, fmt.Errorf("-reps, -rr-reps, -mem-reps, -secs and -conns must be at least 1")
+	}
+	if o.tls != tlsOff && o.tls != tlsOn && o.tls != tlsBoth {
+		return nil, fmt.Errorf("-tls: %q is not off, on or both", o.tls)
 	}
 	o.only = map[string]bool{}
 	for _, s := range splitList(*only) {
@@ -193,6 +208,9 @@ type env struct {
 	redisAddr string
 	echo      *echoServer
 	rep       *report
+	certs     *tlsFiles          // nil with -tls off
+	tlsInfo   string             // what the tunnel's TLS negotiated, once a TLS stack ran
+	res       map[string]results // by section, for the TLS cost table
 }
 
 func run() int {
@@ -237,9 +255,15 @@ func run() int {
 	}()
 	defer cleanup()
 
-	e := &env{o: o, root: root, dir: dir, ports: newPortAlloc(), rep: newReport(o.out)}
+	e := &env{o: o, root: root, dir: dir, ports: newPortAlloc(), rep: newReport(o.out), res: map[string]results{}}
 	if o.keep {
 		logf("temporary directory (kept): %s", dir)
+	}
+	if o.tls != tlsOff {
+		if e.certs, err = makeCerts(filepath.Join(dir, "tls")); err != nil {
+			fmt.Fprintln(os.Stderr, "vpcbench: certificates:", err)
+			return 1
+		}
 	}
 	logf("estimated runtime: about %s", estimate(o).Round(time.Minute/2))
 	if e.bins = o.bin; e.bins == "" {
@@ -274,6 +298,9 @@ func run() int {
 			e.rep.add(fmt.Sprintf("**window aborted:** %v\n", err))
 			failed = true
 		}
+	}
+	if o.tls != tlsOff {
+		e.rep.add(tlsSummary(e))
 	}
 	e.rep.add(fmt.Sprintf("Total runtime: %s.\n", time.Since(start).Round(time.Second)))
 	if err := e.rep.flush(); err != nil {
@@ -397,7 +424,7 @@ func (e *env) startTargets() error {
 // estimate is a rough runtime forecast of the chosen sections.
 func estimate(o *options) time.Duration {
 	var d time.Duration
-	np := time.Duration(len(o.paths))
+	np := time.Duration(len(runPaths(o)))
 	if o.only["bulk"] {
 		d += time.Duration(o.reps) * np * 2 * (time.Duration(o.secs)*time.Second + 200*time.Millisecond)
 	}
@@ -406,7 +433,7 @@ func estimate(o *options) time.Duration {
 		d += time.Duration(o.rrReps) * np * per
 	}
 	if o.only["mem"] {
-		d += time.Duration(o.memReps) * 2 * 3500 * time.Millisecond
+		d += time.Duration(o.memReps*len(memPaths(o))) * 3500 * time.Millisecond
 	}
 	if o.only["window"] {
 		n := time.Duration(len(windowSettings(o)) * len(o.rtts))
@@ -435,7 +462,15 @@ func header(o *options) string {
 	b.WriteString("- **floor**: client → relay1 → relay2 → target; two separate processes of a plain Go relay (io.Copy per direction, half-close; on Linux io.Copy between TCP sockets is splice(2), no user-space copy).\n")
 	b.WriteString("- **proxy-port**: client → proxyserver proxy port → tunnel → agent → target.\n")
 	b.WriteString("- **floor+fwd**: client → in-tool forwarder → relay1 → relay2 → relay3 → target: the same number of hops as socks5d+fwd, the fair floor for it.\n")
-	b.WriteString("- **socks5d+fwd**: client → in-tool forwarder (SOCKS5 CONNECT, because iperf3 and redis-benchmark do not speak SOCKS5) → socks5d → relay port → tunnel → agent → target.\n\n")
+	b.WriteString("- **socks5d+fwd**: client → in-tool forwarder (SOCKS5 CONNECT, because iperf3 and redis-benchmark do not speak SOCKS5) → socks5d → relay port → tunnel → agent → target.\n")
+	if o.tls != tlsOff {
+		b.WriteString("- **proxy-port+tls**, **socks5d+fwd+tls**: the same through a stack whose tunnel (agent → proxyserver control port) runs TLS 1.3: a throwaway ECDSA P-256 CA made at start, a server certificate for IP 127.0.0.1, mutual TLS with a client certificate, and the token challenge as without TLS. Only the tunnel is encrypted; the proxy port, the relay port and socks5d are plain TCP either way.")
+		if o.tls == tlsBoth {
+			b.WriteString(" With -tls both the plain and the TLS stack run side by side and their paths alternate like the others.")
+		}
+		b.WriteString("\n")
+	}
+	b.WriteString("\n")
 	b.WriteString("CPU columns count the intermediate processes only: proxyserver+agent (+socks5d), or the relay processes; never the in-tool forwarder, the client or the target.\n\n")
 	return b.String()
 }

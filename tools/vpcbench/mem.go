@@ -16,47 +16,51 @@ type memProc struct {
 	pid  int
 }
 
+// memPaths are the paths of the memory test: proxy-port without TLS,
+// with it, or both ways (-tls), and the floor.
+func memPaths(o *options) []string {
+	var out []string
+	if o.tls != tlsOn {
+		out = append(out, pProxy)
+	}
+	if o.tls != tlsOff {
+		out = append(out, pProxy+tlsSuffix)
+	}
+	return append(out, pFloor)
+}
+
 // runMem holds e.o.conns idle connections open end to end through the
 // proxy port path (and, for comparison, through the two-relay floor) and
-// reports the RSS they cost. Every repetition uses fresh processes.
+// reports the RSS they cost. Every repetition uses fresh processes, and
+// the paths alternate.
 func runMem(e *env) error {
 	res := results{}
+	vals := repValues{}
+	names := memPaths(e.o)
 	for rep := 0; rep < e.o.memReps; rep++ {
-		st, err := startStack(e.bins, e.dir, e.ports, stackOpts{name: fmt.Sprintf("mem%d", rep), targets: []string{e.echo.addr()}})
-		if err != nil {
-			return err
-		}
-		err = memOnce(e, res, "proxy-port", st.proxy[e.echo.addr()],
-			[]memProc{{"proxyserver", st.server.pid()}, {"agent", st.agent.pid()}}, rep)
-		if err == nil {
-			err = st.check()
-		}
-		st.stop()
-		if err != nil {
-			return err
-		}
-		ch, err := startChain(e.dir, e.ports, fmt.Sprintf("mem%d-floor", rep), 2, e.echo.addr())
-		if err != nil {
-			return err
-		}
-		// The chain starts from the target end: procs[1] is relay1.
-		err = memOnce(e, res, "floor", ch.addr,
-			[]memProc{{"relay1", ch.procs[1].pid()}, {"relay2", ch.procs[0].pid()}}, rep)
-		ch.stop()
-		if err != nil {
-			return err
+		for _, name := range rotate(names, rep) {
+			per, err := memPath(e, res, name, rep)
+			if err != nil {
+				return err
+			}
+			vals.set(per, rep, name, "both", "per")
 		}
 	}
+	addPlainRatios(res, vals, names, e.o.memReps, []string{"both", "per"})
+	e.res["mem"] = res
 	tb := &table{head: []string{"path", "process", "RSS before (MiB)", fmt.Sprintf("RSS with %d conns (MiB)", e.o.conns), "KiB per conn"}}
-	for _, row := range []struct{ path, roles string }{
-		{"proxy-port", "proxyserver,agent,both"}, {"floor", "relay1,relay2,both"}} {
-		for _, role := range strings.Split(row.roles, ",") {
-			name := role
+	for _, name := range names {
+		roles := []string{"proxyserver", "agent", "both"}
+		if name == pFloor {
+			roles = []string{"relay1", "relay2", "both"}
+		}
+		for _, role := range roles {
+			label := role
 			if role == "both" {
-				name = "**both ends**"
+				label = "**both ends**"
 			}
-			tb.row(row.path, name, res.get(row.path, role, "before").cell(1),
-				res.get(row.path, role, "after").cell(1), res.get(row.path, role, "per").cell(1))
+			tb.row(name, label, res.get(name, role, "before").cell(1),
+				res.get(name, role, "after").cell(1), res.get(name, role, "per").cell(1))
 		}
 	}
 	var b strings.Builder
@@ -67,27 +71,59 @@ func runMem(e *env) error {
 	return nil
 }
 
-// memOnce measures one path: baseline, conns open, settled RSS.
-func memOnce(e *env, res results, pathName, addr string, ps []memProc, rep int) error {
+// memPath starts fresh processes for one path of the memory test,
+// measures it and stops them. It returns the KiB per connection of both
+// ends.
+func memPath(e *env, res results, name string, rep int) (float64, error) {
+	if name == pFloor {
+		ch, err := startChain(e.dir, e.ports, fmt.Sprintf("mem%d-floor", rep), 2, e.echo.addr())
+		if err != nil {
+			return 0, err
+		}
+		defer ch.stop()
+		// The chain starts from the target end: procs[1] is relay1.
+		return memOnce(e, res, name, ch.addr,
+			[]memProc{{"relay1", ch.procs[1].pid()}, {"relay2", ch.procs[0].pid()}}, rep)
+	}
+	o := stackOpts{name: fmt.Sprintf("mem%d", rep), targets: []string{e.echo.addr()}}
+	if _, withTLS := splitPath(name); withTLS {
+		o.name, o.tls = o.name+"-tls", e.certs
+	}
+	st, err := e.startStack(o)
+	if err != nil {
+		return 0, err
+	}
+	defer st.stop()
+	per, err := memOnce(e, res, name, st.proxy[e.echo.addr()],
+		[]memProc{{"proxyserver", st.server.pid()}, {"agent", st.agent.pid()}}, rep)
+	if err == nil {
+		err = st.check()
+	}
+	return per, err
+}
+
+// memOnce measures one path: baseline, conns open, settled RSS. It
+// returns the KiB per connection of all ps together.
+func memOnce(e *env, res results, pathName, addr string, ps []memProc, rep int) (float64, error) {
 	// Warm-up: pools, first stream, first dial.
 	warm, err := openEcho(addr, 10)
 	closeAll(warm)
 	if err != nil {
-		return fmt.Errorf("memory warm-up through %s: %w", pathName, err)
+		return 0, fmt.Errorf("memory warm-up through %s: %w", pathName, err)
 	}
 	time.Sleep(500 * time.Millisecond)
 	before, err := settledRSS(ps)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	conns, err := openEcho(addr, e.o.conns)
 	defer closeAll(conns)
 	if err != nil {
-		return fmt.Errorf("memory test through %s: %w", pathName, err)
+		return 0, fmt.Errorf("memory test through %s: %w", pathName, err)
 	}
 	after, err := settledRSS(ps)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	var tb, ta int64
 	var parts []string
@@ -102,10 +138,10 @@ func memOnce(e *env, res results, pathName, addr string, ps []memProc, rep int) 
 	}
 	res.add(float64(tb)/1024, pathName, "both", "before")
 	res.add(float64(ta)/1024, pathName, "both", "after")
-	res.add(float64(ta-tb)/float64(e.o.conns), pathName, "both", "per")
-	logf("mem rep %d/%d %-10s %s, both %.1f KiB/conn", rep+1, e.o.memReps, pathName, strings.Join(parts, ", "),
-		float64(ta-tb)/float64(e.o.conns))
-	return nil
+	both := float64(ta-tb) / float64(e.o.conns)
+	res.add(both, pathName, "both", "per")
+	logf("mem rep %d/%d %-14s %s, both %.1f KiB/conn", rep+1, e.o.memReps, pathName, strings.Join(parts, ", "), both)
+	return both, nil
 }
 
 // openEcho opens n connections to addr, 64 at a time, and checks a

@@ -10,7 +10,7 @@ import (
 func runRR(e *env, paths []*path) error {
 	t := e.redisAddr
 	res := results{}
-	perRep := map[string]float64{}
+	vals := repValues{}
 	failures := map[string]int{}
 	clients := []int{50, 1}
 	nFor := func(c int) int {
@@ -35,7 +35,7 @@ func runRR(e *env, paths []*path) error {
 				c1, cerr := cpuOf(p.pids[t])
 				if err != nil {
 					failures[fmt.Sprint(p.name, c)]++
-					logf("rr rep %d/%d %-12s -c %-2d FAILED: %v", rep+1, e.o.rrReps, p.name, c, err)
+					logf("rr rep %d/%d %-15s -c %-2d FAILED: %v", rep+1, e.o.rrReps, p.name, c, err)
 					continue
 				}
 				if cerr != nil {
@@ -47,16 +47,18 @@ func runRR(e *env, paths []*path) error {
 					res.add(r.rps, p.name, cs, r.test, "rps")
 					res.add(r.p50, p.name, cs, r.test, "p50")
 					res.add(r.p99, p.name, cs, r.test, "p99")
-					perRep[fmt.Sprint(rep, p.name, c, r.test)] = r.rps
+					vals.set(r.rps, rep, p.name, cs, r.test, "rps")
+					vals.set(r.p50, rep, p.name, cs, r.test, "p50")
 					parts = append(parts, fmt.Sprintf("%s %.0f/s p99 %.3f ms", r.test, r.rps, r.p99))
 				}
 				cpu := ""
 				if len(p.pids[t]) > 0 {
 					v := (c1 - c0) * 1e6 / float64(len(rows)*n)
 					res.add(v, p.name, cs, "cpu")
+					vals.set(v, rep, p.name, cs, "cpu")
 					cpu = fmt.Sprintf(", %.1f CPU-µs/req", v)
 				}
-				logf("rr rep %d/%d %-12s -c %-2d %s%s", rep+1, e.o.rrReps, p.name, c, strings.Join(parts, ", "), cpu)
+				logf("rr rep %d/%d %-15s -c %-2d %s%s", rep+1, e.o.rrReps, p.name, c, strings.Join(parts, ", "), cpu)
 			}
 		}
 	}
@@ -64,15 +66,26 @@ func runRR(e *env, paths []*path) error {
 		for _, p := range paths {
 			for _, c := range clients {
 				for _, test := range tests {
-					v, ok1 := perRep[fmt.Sprint(rep, p.name, c, test)]
-					base, ok2 := perRep[fmt.Sprint(rep, pDirect, c, test)]
-					if ok1 && ok2 && base > 0 {
-						res.add(v/base, p.name, fmt.Sprint(c), test, "ratio")
+					if r, ok := vals.ratio(rep, p.name, pDirect, fmt.Sprint(c), test, "rps"); ok {
+						res.add(r, p.name, fmt.Sprint(c), test, "ratio")
+						vals.set(r, rep, p.name, fmt.Sprint(c), test, "ratio")
 					}
 				}
 			}
 		}
 	}
+	var keys [][]string
+	for _, c := range clients {
+		cs := fmt.Sprint(c)
+		for _, test := range tests {
+			for _, m := range []string{"rps", "ratio", "p50"} {
+				keys = append(keys, []string{cs, test, m})
+			}
+		}
+		keys = append(keys, []string{cs, "cpu"})
+	}
+	addPlainRatios(res, vals, pathNames(paths), e.o.rrReps, keys...)
+	e.res["rr"] = res
 	tb := &table{head: []string{"path", "clients", "test", "req/s", "× direct", "p50 ms", "p99 ms", "CPU-µs/req", "note"}}
 	for _, c := range clients {
 		cs := fmt.Sprint(c)
@@ -82,7 +95,7 @@ func runRR(e *env, paths []*path) error {
 				if n := failures[fmt.Sprint(p.name, c)]; n > 0 {
 					note = fmt.Sprintf("%d of %d runs failed", n, e.o.rrReps)
 				}
-				if p.name == pSocks {
+				if p.kind == pSocks {
 					note = join2(note, "extra in-tool forwarder hop")
 				}
 				tb.row(p.name, cs, test, res.get(p.name, cs, test, "rps").cell(0),

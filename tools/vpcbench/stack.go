@@ -13,10 +13,12 @@ import (
 )
 
 // benchToken is the shared agent token of the bench stacks (passed in
-// the environment, as the configs name it).
+// the environment, as the configs name it); benchAgentID is the agent's
+// id, and the common name of its certificate under mutual TLS.
 const (
-	tokenEnv   = "VPCREACH_TOKEN"
-	benchToken = "vpcbench-token-0123456789abcdef"
+	tokenEnv     = "VPCREACH_TOKEN"
+	benchToken   = "vpcbench-token-0123456789abcdef"
+	benchAgentID = "vpcbench-agent"
 )
 
 // buildBinaries builds proxyserver, agent and socks5d into dir.
@@ -63,6 +65,9 @@ type stackOpts struct {
 	socks   bool     // also run socks5d
 	// viaDelay, if set, puts a delay relay between agent and server.
 	viaDelay bool
+	// tls, if set, puts TLS 1.3 (mutual, with the token challenge as
+	// without it) on the tunnel between agent and server.
+	tls *tlsFiles
 }
 
 // stack is one proxyserver + agent (+ socks5d) on loopback.
@@ -70,9 +75,10 @@ type stack struct {
 	dir                  string
 	server, agent, socks *proc
 	delay                *delayRelay
-	api                  string
+	admin                string
 	socksAddr            string
 	proxy                map[string]string // target -> proxy port address
+	tlsInfo              string            // what the TLS probe negotiated ("" without TLS)
 }
 
 func startStack(bins, runDir string, ports *portAlloc, o stackOpts) (st *stack, err error) {
@@ -94,7 +100,7 @@ func startStack(bins, runDir string, ports *portAlloc, o stackOpts) (st *stack, 
 	if err != nil {
 		return nil, err
 	}
-	api, err := ports.addr()
+	admin, err := ports.addr()
 	if err != nil {
 		return nil, err
 	}
@@ -102,19 +108,23 @@ func startStack(bins, runDir string, ports *portAlloc, o stackOpts) (st *stack, 
 	if err != nil {
 		return nil, err
 	}
-	st.api = api
+	st.admin = admin
 	env := []string{tokenEnv + "=" + benchToken}
+	var serverTLS, agentTLS string
+	if o.tls != nil {
+		serverTLS, agentTLS = o.tls.serverYAML(), o.tls.agentYAML()
+	}
 
 	scfg := fmt.Sprintf(`server_id: vpcbench
 control: %s
 advertise: 127.0.0.1
 relay_port: %d
-api: %s
+admin: %s
 port_range: %d-%d
 token: {env: %s}
 drain_grace: 1s
 log: {level: warn}
-%s`, control, relay, api, lo, lo+len(o.targets)+3, tokenEnv, o.tunnel.yaml())
+%s%s`, control, relay, admin, lo, lo+len(o.targets)+3, tokenEnv, serverTLS, o.tunnel.yaml())
 	if err := writeFile(dir, "proxyserver.yaml", scfg); err != nil {
 		return nil, err
 	}
@@ -122,8 +132,8 @@ log: {level: warn}
 		"-config", filepath.Join(dir, "proxyserver.yaml")); err != nil {
 		return nil, err
 	}
-	// The API listener binds after the control and relay listeners.
-	if err := waitTCP(api, st.server, 10*time.Second); err != nil {
+	// The admin listener binds after the control and relay listeners.
+	if err := waitTCP(admin, st.server, 10*time.Second); err != nil {
 		return nil, err
 	}
 
@@ -142,14 +152,14 @@ log: {level: warn}
 	for _, t := range o.targets {
 		fmt.Fprintf(&tg, "  - addr: %s\n", t)
 	}
-	acfg := fmt.Sprintf(`agent_id: vpcbench-agent
+	acfg := fmt.Sprintf(`agent_id: %s
 servers: [%s]
 token: {env: %s}
 drain_grace: 1s
 backoff_max: 1s
 log: {level: warn}
 targets:
-%s%s`, serverAddr, tokenEnv, tg.String(), o.tunnel.yaml())
+%s%s%s`, benchAgentID, serverAddr, tokenEnv, tg.String(), agentTLS, o.tunnel.yaml())
 	if err := writeFile(dir, "agent.yaml", acfg); err != nil {
 		return nil, err
 	}
@@ -160,6 +170,11 @@ targets:
 	if err := st.waitRoutes(o.targets, 20*time.Second); err != nil {
 		return nil, err
 	}
+	if o.tls != nil {
+		if st.tlsInfo, err = probeTLS(control, o.tls); err != nil {
+			return nil, err
+		}
+	}
 
 	if o.socks {
 		if st.socksAddr, err = ports.addr(); err != nil {
@@ -169,7 +184,7 @@ targets:
 lookup_api: http://%s
 drain_grace: 1s
 log: {level: warn}
-`, st.socksAddr, api)
+`, st.socksAddr, admin)
 		if err := writeFile(dir, "socks5d.yaml", kcfg); err != nil {
 			return nil, err
 		}
@@ -182,6 +197,17 @@ log: {level: warn}
 		}
 	}
 	return st, nil
+}
+
+// startStack starts a stack of the run and notes what its tunnel's TLS
+// negotiated, the first time one has TLS.
+func (e *env) startStack(o stackOpts) (*stack, error) {
+	st, err := startStack(e.bins, e.dir, e.ports, o)
+	if err == nil && st.tlsInfo != "" && e.tlsInfo == "" {
+		logf("tunnel TLS: %s", st.tlsInfo)
+		e.tlsInfo = st.tlsInfo
+	}
+	return st, err
 }
 
 // waitTCP waits until addr accepts connections, or p dies.
@@ -219,7 +245,7 @@ func (st *stack) waitRoutes(targets []string, timeout time.Duration) error {
 				return p.exitErr()
 			}
 		}
-		resp, err := client.Get("http://" + st.api + "/v1/routes")
+		resp, err := client.Get("http://" + st.admin + "/v1/routes")
 		if err == nil {
 			var routes []struct {
 				Target string `json:"target"`

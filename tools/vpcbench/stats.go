@@ -80,6 +80,54 @@ func (r results) get(key ...string) samples {
 	return nil
 }
 
+// repValues holds one value per repetition, path and key, for ratios
+// taken within a repetition (the two runs as close in time as the
+// alternation allows).
+type repValues map[string]float64
+
+func repKey(rep int, path string, key []string) string {
+	return fmt.Sprint(rep, "|", path, "|", strings.Join(key, "|"))
+}
+
+func (m repValues) set(v float64, rep int, path string, key ...string) { m[repKey(rep, path, key)] = v }
+
+// ratio is path's value over base's in repetition rep; false if either
+// is missing or base is not positive.
+func (m repValues) ratio(rep int, path, base string, key ...string) (float64, bool) {
+	v, ok1 := m[repKey(rep, path, key)]
+	d, ok2 := m[repKey(rep, base, key)]
+	if !ok1 || !ok2 || d <= 0 {
+		return 0, false
+	}
+	return v / d, true
+}
+
+// plainKey is the results key of the TLS/plain ratio of key.
+func plainKey(key []string) []string {
+	k := append([]string(nil), key...)
+	k[len(k)-1] += "/plain"
+	return k
+}
+
+// addPlainRatios adds to res, for every TLS path among names and every
+// repetition, the ratio of its value to that of the same path without
+// TLS, for each key, under plainKey(key).
+func addPlainRatios(res results, vals repValues, names []string, reps int, keys ...[]string) {
+	for rep := 0; rep < reps; rep++ {
+		for _, name := range names {
+			kind, withTLS := splitPath(name)
+			if !withTLS {
+				continue
+			}
+			for _, k := range keys {
+				if r, ok := vals.ratio(rep, name, kind, k...); ok {
+					res.add(r, append([]string{name}, plainKey(k)...)...)
+				}
+			}
+		}
+	}
+}
+
 // table builds a markdown table.
 type table struct {
 	head []string

@@ -49,11 +49,17 @@ func runWindow(e *env) error {
 	targets := []string{e.iperfAddr, e.redisAddr}
 	var rows []*winRow
 	idle := map[time.Duration]*winRow{}
+	// -tls both compares TLS on the core paths; this test varies the
+	// tunnel settings, and runs with TLS only under -tls on.
+	var certs *tlsFiles
+	if e.o.tls == tlsOn {
+		certs = e.certs
+	}
 	for si, set := range settings {
 		logf("window: starting stack with window %s, write_buffer %s (through the delay relay)",
 			sizeName(int64(set.window)), sizeName(int64(set.wbuf)))
-		st, err := startStack(e.bins, e.dir, e.ports, stackOpts{name: fmt.Sprintf("win%d", si), tunnel: set,
-			targets: targets, viaDelay: true})
+		st, err := e.startStack(stackOpts{name: fmt.Sprintf("win%d", si), tunnel: set,
+			targets: targets, viaDelay: true, tls: certs})
 		if err != nil {
 			return err
 		}
@@ -127,7 +133,14 @@ func runWindow(e *env) error {
 			fmtNum(capG, 2), r.bulk.cell(2), r.p50.cell(2), r.p99.cell(2), fmt.Sprint(r.n), r.bulkLoaded.cell(2), r.note)
 	}
 	var b strings.Builder
-	fmt.Fprintf(&b, "## Window: tunnel.window and tunnel.write_buffer under added RTT (proxy-port path, one run each)\n\n")
+	tlsNote := ""
+	switch {
+	case certs != nil:
+		tlsNote = ", tunnel with TLS"
+	case e.o.tls != tlsOff:
+		tlsNote = ", tunnel without TLS"
+	}
+	fmt.Fprintf(&b, "## Window: tunnel.window and tunnel.write_buffer under added RTT (proxy-port path%s, one run each)\n\n", tlsNote)
 	fmt.Fprintf(&b, "The agent dials an in-tool delay relay that forwards to the proxyserver's control port, adding RTT/2 each way without limiting bandwidth (it queues rate × delay). bulk: iperf3 -t %d, client → target, one stream. GETs: redis-benchmark -c 1 -t get through the same tunnel while one iperf3 stream runs; -n is sized from a 20-request probe to last about %s (at most 5000, at least 100), so p99 at high RTT rests on few samples. The (tunnel idle) rows are the same GETs with no bulk stream.\n\n", e.o.winSecs, e.o.winBudget)
 	b.WriteString(tb.String())
 	b.WriteString("\nOne stream moves at most window/RTT; a window larger than the bandwidth-delay product only adds queueing in front of other streams on the tunnel (seen as GET latency under load). write_buffer bounds what the tunnel's write combiner queues ahead of the socket.\n")
