@@ -220,3 +220,21 @@ func Run(t testing.TB, token, path string, args ...string) (stdout, stderr strin
 	}
 	return out.String(), errb.String(), code
 }
+
+// RunWithBinaries is a TestMain body for packages that run the daemons:
+// it builds them once into a temp dir, sets *dir, runs the tests, removes
+// the dir, and returns the exit code.
+func RunWithBinaries(m *testing.M, dir *string) int {
+	d, err := os.MkdirTemp("", "vpcreach-bin")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(d)
+	if err := BuildDir(d); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	*dir = d
+	return m.Run()
+}

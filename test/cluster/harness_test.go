@@ -19,7 +19,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -49,22 +48,7 @@ var (
 	octets atomic.Int32
 )
 
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "vpcreach-cluster-bin")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	if err := proctest.BuildDir(dir); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.RemoveAll(dir)
-		os.Exit(1)
-	}
-	binDir = dir
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { os.Exit(proctest.RunWithBinaries(m, &binDir)) }
 
 // member is one proxyserver process.
 type member struct {
@@ -171,27 +155,12 @@ func (c *cluster) startMember(m *member) {
 func (c *cluster) startHAProxy() {
 	t := c.t
 	t.Helper()
-	data, err := os.ReadFile(filepath.Join(proctest.ModuleRoot(t), "configs", "haproxy", "haproxy.cfg"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg := string(data)
 	c.vip = "127.0.0.1:" + strconv.Itoa(testutil.FreePort(t))
-	bind := regexp.MustCompile(`(?m)^(\s*bind )\S+`)
-	if !bind.MatchString(cfg) {
-		t.Fatal("configs/haproxy/haproxy.cfg has no bind line")
-	}
-	cfg = bind.ReplaceAllString(cfg, "${1}"+c.vip)
-	var servers strings.Builder
-	servers.WriteString("    # BEGIN members\n    source 127.0.0.1\n")
+	var servers []proctest.HAProxyServer
 	for _, m := range c.members {
-		fmt.Fprintf(&servers, "    server %s %s\n", m.id, m.controlAddr())
+		servers = append(servers, proctest.HAProxyServer{Name: m.id, Addr: m.controlAddr()})
 	}
-	block := regexp.MustCompile(`(?s)    # BEGIN members\n.*    # END members`)
-	if !block.MatchString(cfg) {
-		t.Fatal("configs/haproxy/haproxy.cfg lost its BEGIN/END members markers")
-	}
-	cfg = block.ReplaceAllLiteralString(cfg, servers.String()+"    # END members")
+	cfg := proctest.HAProxyConfig(t, c.vip, "127.0.0.1", servers)
 	path := c.write("haproxy.cfg", cfg)
 	c.haproxy = proctest.Start(t, c.token, "haproxy", testutil.NeedBinary(t, "haproxy"), "-db", "-f", path)
 	waitListening(t, c.haproxy, c.vip)

@@ -29,7 +29,6 @@
 package vpc
 
 import (
-	"fmt"
 	"os"
 	"testing"
 
@@ -39,19 +38,4 @@ import (
 // binDir holds the daemons, built once by TestMain (without -race).
 var binDir string
 
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "vpcreach-vpc-bin")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	if err := proctest.BuildDir(dir); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.RemoveAll(dir)
-		os.Exit(1)
-	}
-	binDir = dir
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { os.Exit(proctest.RunWithBinaries(m, &binDir)) }

@@ -10,7 +10,6 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -255,26 +254,11 @@ func pingIn(ns, addr string) bool {
 func (v *vpc) startHAProxy() {
 	t := v.t
 	t.Helper()
-	data, err := os.ReadFile(filepath.Join(proctest.ModuleRoot(t), "configs", "haproxy", "haproxy.cfg"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg := string(data)
-	bind := regexp.MustCompile(`(?m)^(\s*bind )\S+`)
-	if !bind.MatchString(cfg) {
-		t.Fatal("configs/haproxy/haproxy.cfg has no bind line")
-	}
-	cfg = bind.ReplaceAllString(cfg, "${1}"+vipAddr)
-	var servers strings.Builder
-	servers.WriteString("    # BEGIN members\n    source " + centreIP + "\n")
+	var servers []proctest.HAProxyServer
 	for _, m := range v.members {
-		fmt.Fprintf(&servers, "    server %s %s\n", m.id, m.addr(controlPort))
+		servers = append(servers, proctest.HAProxyServer{Name: m.id, Addr: m.addr(controlPort)})
 	}
-	block := regexp.MustCompile(`(?s)    # BEGIN members\n.*    # END members`)
-	if !block.MatchString(cfg) {
-		t.Fatal("configs/haproxy/haproxy.cfg lost its BEGIN/END members markers")
-	}
-	cfg = block.ReplaceAllLiteralString(cfg, servers.String()+"    # END members")
+	cfg := proctest.HAProxyConfig(t, vipAddr, centreIP, servers)
 	path := v.write("haproxy.cfg", cfg)
 	v.haproxy = v.startIn(v.centre, "haproxy", testutil.NeedBinary(t, "haproxy"), "-db", "-f", path)
 	waitListeningIn(t, v.haproxy, v.centre, vipAddr)
