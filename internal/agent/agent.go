@@ -397,9 +397,18 @@ func (a *Agent) acceptLoop(s *session) {
 		}
 		a.wg.Add(1)
 		go func() {
-			defer a.wg.Done()
-			defer s.active.Done()
-			a.handleStream(s, st)
+			run := a.handleStream(s, st)
+			if run == nil {
+				s.active.Done()
+				a.wg.Done()
+				return
+			}
+			// The counts pass to the splice's goroutine.
+			go func() {
+				defer a.wg.Done()
+				defer s.active.Done()
+				run()
+			}()
 		}()
 	}
 }
@@ -484,7 +493,11 @@ func (a *Agent) controlLoop(s *session) {
 const headerTimeout = 5 * time.Second
 
 // handleStream serves one data stream: header, checks, dial, status, data.
-func (a *Agent) handleStream(s *session, st net.Conn) {
+// handleStream sets a stream up: header, checks, dial, status. It returns
+// the long part, the splice, for the caller to run on a fresh goroutine:
+// the set-up's deep stack (dialling, logging) is not kept for the
+// connection's idle life. nil: the stream was refused and closed.
+func (a *Agent) handleStream(s *session, st net.Conn) (run func()) {
 	refuse := func(status tunnel.Status) {
 		_ = st.SetWriteDeadline(time.Now().Add(time.Second))
 		_, _ = st.Write([]byte{byte(status)})
@@ -495,12 +508,17 @@ func (a *Agent) handleStream(s *session, st net.Conn) {
 		a.Stats.StreamsAtCap.Add(1)
 		a.log.Warn("stream limit reached; stream refused", "session", s.id, "limit", a.conf().Tunnel.MaxStreams)
 		refuse(tunnel.StatusBusy)
-		return
+		return nil
 	}
-	defer s.streams.Add(-1)
+	release := true // the stream count, unless the splice takes it over
+	defer func() {
+		if release {
+			s.streams.Add(-1)
+		}
+	}()
 	if a.draining.Load() {
 		refuse(tunnel.StatusDraining)
-		return
+		return nil
 	}
 	_ = st.SetReadDeadline(time.Now().Add(headerTimeout))
 	hdr, err := tunnel.ReadStreamHeader(st, s.ts.Version)
@@ -508,7 +526,7 @@ func (a *Agent) handleStream(s *session, st net.Conn) {
 	if err != nil {
 		a.log.Warn("bad stream header", "session", s.id, "err", err)
 		refuse(tunnel.StatusBadHeader)
-		return
+		return nil
 	}
 	key := registry.Key{Network: hdr.Target.Network, Addr: hdr.Target.Addr}
 	log := a.log.With("target", key.String(), "client", hdr.Client)
@@ -517,12 +535,12 @@ func (a *Agent) handleStream(s *session, st net.Conn) {
 		a.Stats.NotExposed.Add(1)
 		log.Warn("server asked for a target this agent does not expose; refused")
 		refuse(tunnel.StatusNotExposed)
-		return
+		return nil
 	}
 	if hdr.Generation != s.gen {
 		log.Warn("stream for another generation; refused", "want", s.gen, "got", hdr.Generation)
 		refuse(tunnel.StatusStale)
-		return
+		return nil
 	}
 	d := net.Dialer{Timeout: a.conf().DialTimeout, Control: dialGuard(t, a.explicit(t))}
 	conn, err := d.Dial("tcp", t.Addr.String())
@@ -530,7 +548,7 @@ func (a *Agent) handleStream(s *session, st net.Conn) {
 		a.Stats.NotExposed.Add(1)
 		log.Warn("target refused at dial time", "err", err)
 		refuse(tunnel.StatusNotExposed)
-		return
+		return nil
 	}
 	if err != nil {
 		a.Stats.DialFailures.Add(1)
@@ -541,20 +559,24 @@ func (a *Agent) handleStream(s *session, st net.Conn) {
 		}
 		log.Info("target dial failed", "status", status.String(), "err", err)
 		refuse(status)
-		return
+		return nil
 	}
 	netx.KeepAlive(conn, 30*time.Second, 10*time.Second, 3)
 	if _, err := st.Write([]byte{byte(tunnel.StatusOK)}); err != nil {
 		conn.Close()
 		st.Close()
-		return
+		return nil
 	}
 	a.Stats.StreamsOpen.Add(1)
 	a.Stats.StreamsTotal.Add(1)
-	defer a.Stats.StreamsOpen.Add(-1)
-	res := tunnel.SpliceCounted(conn, st, a.conf().IdleTimeout, &a.Stats.Bytes)
-	if res.Aborted {
-		log.Debug("connection aborted", "err", res.Err, "up", res.Up, "down", res.Down)
+	release = false
+	return func() {
+		defer s.streams.Add(-1)
+		defer a.Stats.StreamsOpen.Add(-1)
+		res := tunnel.SpliceCounted(conn, st, a.conf().IdleTimeout, &a.Stats.Bytes)
+		if res.Aborted {
+			log.Debug("connection aborted", "err", res.Err, "up", res.Up, "down", res.Down)
+		}
 	}
 }
 
