@@ -41,7 +41,8 @@ type Cache struct {
 
 	mu      sync.Mutex
 	entries map[Key]*cacheEntry
-	seq     uint64 // bumped by every event
+	seq     uint64    // bumped by every event
+	swept   time.Time // last sweep of entries too old to serve
 }
 
 type cacheEntry struct {
@@ -115,6 +116,7 @@ func (c *Cache) store(k Key, r Route, seq uint64) {
 		return
 	}
 	c.entries[k] = &cacheEntry{route: r, at: c.now()}
+	c.sweep()
 }
 
 func (c *Cache) drop(k Key, seq uint64) {
@@ -156,6 +158,7 @@ func (c *Cache) Apply(ev Event) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.seq++
+	defer c.sweep()
 	switch ev.Type {
 	case EventPut:
 		c.entries[ev.Key] = &cacheEntry{route: ev.Route, at: c.now(), seq: c.seq}
@@ -168,30 +171,15 @@ func (c *Cache) Apply(ev Event) {
 	}
 }
 
-// Run applies events until the channel closes or ctx ends, and drops
-// entries too old to serve even stale.
-func (c *Cache) Run(ctx context.Context, events <-chan Event) {
-	sweep := time.NewTicker(c.fresh + c.maxStale)
-	defer sweep.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case ev, ok := <-events:
-			if !ok {
-				return
-			}
-			c.Apply(ev)
-		case <-sweep.C:
-			c.sweep()
-		}
-	}
-}
-
+// sweep drops entries too old to serve even stale and old tombstones, at
+// most once per fresh+max-stale. Called with mu held, whenever an entry is
+// written: nothing grows without a sweep coming due.
 func (c *Cache) sweep() {
-	c.mu.Lock()
-	defer c.mu.Unlock()
 	now := c.now()
+	if now.Sub(c.swept) < c.fresh+c.maxStale {
+		return
+	}
+	c.swept = now
 	for k, e := range c.entries {
 		if now.Sub(e.at) >= c.fresh+c.maxStale || e.deleted && now.Sub(e.at) >= c.fresh {
 			delete(c.entries, k)
@@ -204,16 +192,22 @@ type Watcher interface {
 	Watch(ctx context.Context) (<-chan Event, error)
 }
 
-// Follow keeps the cache up to date with w's events until ctx ends. It
-// subscribes, applies events, and subscribes again with a backoff (250 ms
-// doubling to 5 s) while the store is down. Every subscription starts with
-// EventReset: what was cached across the gap is re-checked.
+// Follow keeps the cache up to date with w's events until ctx ends (see
+// the package function Follow).
 func (c *Cache) Follow(ctx context.Context, w Watcher, log *slog.Logger) {
+	Follow(ctx, w, log, c.Apply)
+}
+
+// Follow passes w's events to apply until ctx ends. It subscribes, and
+// subscribes again with a backoff (250 ms doubling to 5 s) while the
+// store is down or when a subscription ends. Every subscription starts
+// with EventReset: what was learnt across the gap must be re-checked.
+func Follow(ctx context.Context, w Watcher, log *slog.Logger, apply func(Event)) {
 	backoff := 250 * time.Millisecond
 	for ctx.Err() == nil {
 		ch, err := w.Watch(ctx)
 		if err != nil {
-			log.Warn("registry events unavailable; cached routes expire on their TTL", "err", err, "retry_in", backoff)
+			log.Warn("registry events unavailable; retrying", "err", err, "retry_in", backoff)
 			t := time.NewTimer(backoff)
 			select {
 			case <-ctx.Done():
@@ -225,7 +219,9 @@ func (c *Cache) Follow(ctx context.Context, w Watcher, log *slog.Logger) {
 			continue
 		}
 		backoff = 250 * time.Millisecond
-		c.Apply(Event{Type: EventReset})
-		c.Run(ctx, ch)
+		apply(Event{Type: EventReset})
+		for ev := range ch {
+			apply(ev)
+		}
 	}
 }

@@ -11,6 +11,8 @@
 package proxyproto
 
 import (
+	"github.com/vpcreach/vpcreach/internal/netx"
+
 	"bytes"
 	"encoding/binary"
 	"errors"
@@ -18,7 +20,6 @@ import (
 	"io"
 	"net"
 	"net/netip"
-	"strings"
 	"time"
 )
 
@@ -234,64 +235,19 @@ func AppendLocal(b []byte) []byte {
 	return append(b, version2<<4|cmdLocal, famUnspec, 0, 0)
 }
 
-// Trusted is a set of balancer prefixes allowed to send PROXY headers.
-// IPv4 peers match IPv4 prefixes only (IPv4-mapped peers are unmapped
-// first), and zoned IPv6 peers never match.
-type Trusted []netip.Prefix
+// Trusted is a set of balancer prefixes allowed to send PROXY headers
+// (netx.Prefixes: IPv4 peers match IPv4 prefixes only, IPv4-mapped peers
+// are unmapped first, zoned IPv6 peers never match).
+type Trusted = netx.Prefixes
 
-// ParseTrusted parses balancer addresses: single hosts ("10.0.0.1",
-// "2001:db8::1", taken as /32 or /128) and CIDR prefixes ("10.0.0.0/24";
-// host bits are masked off). IPv4-mapped IPv6 entries ("::ffff:10.0.0.1",
-// "::ffff:10.0.0.0/120") are turned into their IPv4 form; zones are
-// refused. The error names the bad entry.
+// ParseTrusted parses balancer addresses (see netx.ParsePrefixes); the
+// error names the bad entry.
 func ParseTrusted(cidrs []string) (Trusted, error) {
-	t := make(Trusted, 0, len(cidrs))
-	for _, s := range cidrs {
-		p, err := parseTrusted(strings.TrimSpace(s))
-		if err != nil {
-			return nil, fmt.Errorf("proxyproto: trusted balancer %q: %v", s, err)
-		}
-		t = append(t, p)
+	t, err := netx.ParsePrefixes(cidrs)
+	if err != nil {
+		return nil, fmt.Errorf("proxyproto: trusted balancer %v", err)
 	}
 	return t, nil
-}
-
-func parseTrusted(s string) (netip.Prefix, error) {
-	if s == "" {
-		return netip.Prefix{}, errors.New("empty entry")
-	}
-	var p netip.Prefix
-	if strings.Contains(s, "/") {
-		var err error
-		if p, err = netip.ParsePrefix(s); err != nil {
-			return netip.Prefix{}, fmt.Errorf("not an IP address or CIDR prefix: %v", err)
-		}
-	} else {
-		a, err := netip.ParseAddr(s)
-		if err != nil {
-			return netip.Prefix{}, fmt.Errorf("not an IP address or CIDR prefix: %v", err)
-		}
-		if a.Zone() != "" {
-			return netip.Prefix{}, errors.New("IPv6 zones are not supported")
-		}
-		p = netip.PrefixFrom(a, a.BitLen())
-	}
-	if a := p.Addr(); a.Is4In6() && p.Bits() >= 96 {
-		p = netip.PrefixFrom(a.Unmap(), p.Bits()-96)
-	}
-	return p.Masked(), nil
-}
-
-// Contains reports whether a is in one of the prefixes. An IPv4-mapped
-// IPv6 address is unmapped first.
-func (t Trusted) Contains(a netip.Addr) bool {
-	a = a.Unmap()
-	for _, p := range t {
-		if p.Contains(a) {
-			return true
-		}
-	}
-	return false
 }
 
 // Accept is called on a freshly accepted conn. If the peer address is in

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/vpcreach/vpcreach/internal/config"
+	"github.com/vpcreach/vpcreach/internal/netx"
 	"github.com/vpcreach/vpcreach/internal/proxyproto"
 	"github.com/vpcreach/vpcreach/internal/socks"
 	"github.com/vpcreach/vpcreach/tunnel"
@@ -103,8 +104,8 @@ type Config struct {
 	// Filled by Validate.
 	advertise      netip.Addr
 	proxyBind      netip.Addr
-	proxyAllow     []netip.Prefix
-	relayAllow     []netip.Prefix
+	proxyAllow     netx.Prefixes
+	relayAllow     netx.Prefixes
 	portLo, portHi int
 	balancers      proxyproto.Trusted
 }
@@ -126,10 +127,10 @@ func (c *Config) Validate() error {
 		c.balancers = t
 	}
 	var err error
-	if c.proxyAllow, err = parsePrefixes(c.ProxyAllow); err != nil {
+	if c.proxyAllow, err = netx.ParsePrefixes(c.ProxyAllow); err != nil {
 		p.Addf("proxy_allow", "%v", err)
 	}
-	if c.relayAllow, err = parsePrefixes(c.RelayAllow); err != nil {
+	if c.relayAllow, err = netx.ParsePrefixes(c.RelayAllow); err != nil {
 		p.Addf("relay_allow", "%v", err)
 	}
 	if c.MaxTunnelsPerSource == 0 {
@@ -226,37 +227,11 @@ func (c *Config) RelayAddr() netip.AddrPort {
 // Config returns the configuration the server started with.
 func (s *Server) Config() Config { return s.cfg }
 
-// parsePrefixes parses CIDRs (a bare address is a /32 or /128).
-func parsePrefixes(ss []string) ([]netip.Prefix, error) {
-	var out []netip.Prefix
-	for _, s := range ss {
-		if p, err := netip.ParsePrefix(s); err == nil {
-			out = append(out, p.Masked())
-			continue
-		}
-		a, err := netip.ParseAddr(s)
-		if err != nil {
-			return nil, fmt.Errorf("%q is not a CIDR or an address", s)
-		}
-		out = append(out, netip.PrefixFrom(a.Unmap(), a.Unmap().BitLen()))
-	}
-	return out, nil
-}
-
 // allowed reports whether the remote address of c is in list (empty: all).
-func allowed(list []netip.Prefix, c net.Conn) bool {
+func allowed(list netx.Prefixes, c net.Conn) bool {
 	if len(list) == 0 {
 		return true
 	}
 	ap, err := netip.ParseAddrPort(c.RemoteAddr().String())
-	if err != nil {
-		return false
-	}
-	a := ap.Addr().Unmap()
-	for _, p := range list {
-		if p.Contains(a) {
-			return true
-		}
-	}
-	return false
+	return err == nil && list.Contains(ap.Addr())
 }

@@ -84,7 +84,7 @@ type Server struct {
 	regMetrics   *regMetrics
 	adminSrv     *admin.Server
 	started      chan struct{} // closed when Start has bound every listener
-	deniedLog    atomic.Int64  // time of the last "source not allowed" log line
+	deniedLog    logx.Limiter  // "source not allowed": per connection, so rate-limited
 	relayLog     logx.Limiter  // relay refusals: per connection, so rate-limited
 }
 
@@ -387,25 +387,7 @@ func (s *Server) kickRenewal() {
 // the cache TTL work without them.
 func (s *Server) watchLoop() {
 	defer s.wg.Done()
-	backoff := 250 * time.Millisecond
-	for s.ctx.Err() == nil {
-		ch, err := s.reg.Watch(s.ctx)
-		if err != nil {
-			s.log.Warn("registry events unavailable; retrying", "err", err, "retry_in", backoff)
-			select {
-			case <-s.ctx.Done():
-				return
-			case <-time.After(backoff):
-			}
-			backoff = min(2*backoff, 5*time.Second)
-			continue
-		}
-		backoff = 250 * time.Millisecond
-		s.onEvent(registry.Event{Type: registry.EventReset})
-		for ev := range ch {
-			s.onEvent(ev)
-		}
-	}
+	registry.Follow(s.ctx, s.reg, s.log, s.onEvent)
 }
 
 func (s *Server) onEvent(ev registry.Event) {

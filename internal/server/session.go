@@ -626,14 +626,12 @@ type closeOnHalfClose struct{ net.Conn }
 func (c closeOnHalfClose) CloseWrite() error { return c.Close() }
 
 // sourceDenied resets a connection from a source outside the allow list,
-// with a counter and a log line (at most one per second: a scan must not
-// flood the log).
+// with a counter and a rate-limited log line (a scan must not flood it).
 func (s *Server) sourceDenied(where string, c net.Conn) {
 	s.Stats.SourceDenied.Add(1)
 	netx.Reset(c)
-	now := time.Now().UnixNano()
-	if last := s.deniedLog.Load(); now-last >= int64(time.Second) && s.deniedLog.CompareAndSwap(last, now) {
+	if s.deniedLog.Allow() {
 		s.log.Warn("connection refused: source not allowed", "where", where, "remote", c.RemoteAddr().String(),
-			"refused_so_far", s.Stats.SourceDenied.Load())
+			"refused_so_far", s.Stats.SourceDenied.Load(), "suppressed", s.deniedLog.Suppressed())
 	}
 }
