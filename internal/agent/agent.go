@@ -127,7 +127,7 @@ type session struct {
 	gen       uint64
 	server    string
 	local     netip.Addr                                     // this host's address towards the server
-	exposed   atomic.Pointer[map[registry.Key]tunnel.Target] // replaced on reload
+	exposed   atomic.Pointer[map[registry.Key]exposedTarget] // replaced on reload
 	routes    []tunnel.RouteInfo
 	streams   atomic.Int64
 	active    sync.WaitGroup // open streams
@@ -353,6 +353,14 @@ func (a *Agent) dial(ctx context.Context, addr string) (*session, error) {
 	return s, nil
 }
 
+// exposedTarget is a target this agent dials, and whether its
+// configuration names the address itself (not ":port", resolved to this
+// host): only such targets may be loopback, link-local or metadata.
+type exposedTarget struct {
+	tunnel.Target
+	explicit bool
+}
+
 // localAddr is conn's local IP: this host's address on its route to the
 // server.
 func localAddr(conn net.Conn) netip.Addr {
@@ -364,15 +372,16 @@ func localAddr(conn net.Conn) netip.Addr {
 
 // resolveTargets turns configured targets into wire targets, filling an
 // unspecified IP with local.
-func resolveTargets(cfg []TargetConfig, local netip.Addr) (map[registry.Key]tunnel.Target, []tunnel.Target) {
-	exposed := make(map[registry.Key]tunnel.Target, len(cfg))
+func resolveTargets(cfg []TargetConfig, local netip.Addr) (map[registry.Key]exposedTarget, []tunnel.Target) {
+	exposed := make(map[registry.Key]exposedTarget, len(cfg))
 	targets := make([]tunnel.Target, 0, len(cfg))
 	for _, tc := range cfg {
 		t, _ := tc.parse() // validated
-		if t.Addr.Addr().IsUnspecified() {
+		explicit := !t.Addr.Addr().IsUnspecified()
+		if !explicit {
 			t.Addr = netip.AddrPortFrom(local, t.Addr.Port())
 		}
-		exposed[registry.Key{Network: t.Network, Addr: t.Addr}] = t
+		exposed[registry.Key{Network: t.Network, Addr: t.Addr}] = exposedTarget{t, explicit}
 		targets = append(targets, t)
 	}
 	return exposed, targets
@@ -542,7 +551,7 @@ func (a *Agent) handleStream(s *session, st net.Conn) (run func()) {
 		refuse(tunnel.StatusStale)
 		return nil
 	}
-	d := net.Dialer{Timeout: a.conf().DialTimeout, Control: dialGuard(t, a.explicit(t))}
+	d := net.Dialer{Timeout: a.conf().DialTimeout, Control: dialGuard(t.Target, t.explicit)}
 	conn, err := d.Dial("tcp", t.Addr.String())
 	if errors.Is(err, errDestination) {
 		a.Stats.NotExposed.Add(1)
@@ -691,12 +700,12 @@ func (a *Agent) retarget(s *session, cfg []TargetConfig) {
 	var added, removed []tunnel.Target
 	for k, t := range next {
 		if _, ok := old[k]; !ok {
-			added = append(added, t)
+			added = append(added, t.Target)
 		}
 	}
 	for k, t := range old {
 		if _, ok := next[k]; !ok {
-			removed = append(removed, t)
+			removed = append(removed, t.Target)
 		}
 	}
 	if len(added)+len(removed) == 0 {
@@ -725,18 +734,6 @@ func (a *Agent) retarget(s *session, cfg []TargetConfig) {
 
 // errDestination is a dial the destination check refused.
 var errDestination = errors.New("destination refused")
-
-// explicit reports whether a configured target names t's address itself
-// (not ":port", resolved to this host's address).
-func (a *Agent) explicit(t tunnel.Target) bool {
-	for _, tc := range a.conf().Targets {
-		ct, err := tc.parse()
-		if err == nil && !ct.Addr.Addr().IsUnspecified() && ct.Network == t.Network && ct.Addr == t.Addr {
-			return true
-		}
-	}
-	return false
-}
 
 // sensitiveAddr reports loopback, link-local (169.254.169.254, the cloud
 // metadata service, among them), unspecified and the IPv6 metadata

@@ -170,7 +170,7 @@ func TestResolveTargetsFillsLocalIP(t *testing.T) {
 				if got.Network != w.network || got.Addr != w.addr || got.Port != w.port {
 					t.Errorf("target %d = %+v; want network %q addr %v proxy port %d", i, got, w.network, w.addr, w.port)
 				}
-				if e, ok := exposed[registry.Key{Network: w.network, Addr: w.addr}]; !ok || e != got {
+				if e, ok := exposed[registry.Key{Network: w.network, Addr: w.addr}]; !ok || e.Target != got {
 					t.Errorf("exposed[%s/%v] = %+v, %v; want %+v", w.network, w.addr, e, ok, got)
 				}
 			}
