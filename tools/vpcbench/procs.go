@@ -216,3 +216,26 @@ func rssKiB(pid int) (int64, error) {
 	}
 	return 0, fmt.Errorf("/proc/%d/status: no VmRSS", pid)
 }
+
+// rwSyscallsOf sums syscr+syscw (read- and write-family system calls)
+// from /proc/PID/io over pids.
+func rwSyscallsOf(pids []int) (float64, error) {
+	var sum float64
+	for _, pid := range pids {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/io", pid))
+		if err != nil {
+			return 0, err
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			k, v, ok := strings.Cut(line, ": ")
+			if ok && (k == "syscr" || k == "syscw") {
+				n, err := strconv.ParseInt(v, 10, 64)
+				if err != nil {
+					return 0, fmt.Errorf("/proc/%d/io: %s: %w", pid, k, err)
+				}
+				sum += float64(n)
+			}
+		}
+	}
+	return sum, nil
+}

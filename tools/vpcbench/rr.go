@@ -31,8 +31,16 @@ func runRR(e *env, paths []*path) error {
 				if err != nil {
 					return err
 				}
+				s0, err := rwSyscallsOf(p.pids[t])
+				if err != nil {
+					return err
+				}
 				rows, err := runRedisBench(p.addr[t], "get,set", n, c)
 				c1, cerr := cpuOf(p.pids[t])
+				s1, serr := rwSyscallsOf(p.pids[t])
+				if cerr == nil {
+					cerr = serr
+				}
 				if err != nil {
 					failures[fmt.Sprint(p.name, c)]++
 					logf("rr rep %d/%d %-15s -c %-2d FAILED: %v", rep+1, e.o.rrReps, p.name, c, err)
@@ -56,7 +64,9 @@ func runRR(e *env, paths []*path) error {
 					v := (c1 - c0) * 1e6 / float64(len(rows)*n)
 					res.add(v, p.name, cs, "cpu")
 					vals.set(v, rep, p.name, cs, "cpu")
-					cpu = fmt.Sprintf(", %.1f CPU-µs/req", v)
+					sc := (s1 - s0) / float64(len(rows)*n)
+					res.add(sc, p.name, cs, "syscalls")
+					cpu = fmt.Sprintf(", %.1f CPU-µs/req, %.2f read+write syscalls/req", v, sc)
 				}
 				logf("rr rep %d/%d %-15s -c %-2d %s%s", rep+1, e.o.rrReps, p.name, c, strings.Join(parts, ", "), cpu)
 			}
@@ -86,7 +96,7 @@ func runRR(e *env, paths []*path) error {
 	}
 	addPlainRatios(res, vals, pathNames(paths), e.o.rrReps, keys...)
 	e.res["rr"] = res
-	tb := &table{head: []string{"path", "clients", "test", "req/s", "× direct", "p50 ms", "p99 ms", "CPU-µs/req", "note"}}
+	tb := &table{head: []string{"path", "clients", "test", "req/s", "× direct", "p50 ms", "p99 ms", "CPU-µs/req", "syscalls/req", "note"}}
 	for _, c := range clients {
 		cs := fmt.Sprint(c)
 		for _, test := range tests {
@@ -100,7 +110,8 @@ func runRR(e *env, paths []*path) error {
 				}
 				tb.row(p.name, cs, test, res.get(p.name, cs, test, "rps").cell(0),
 					res.get(p.name, cs, test, "ratio").cell(2), res.get(p.name, cs, test, "p50").cell(3),
-					res.get(p.name, cs, test, "p99").cell(3), res.get(p.name, cs, "cpu").cell(1), note)
+					res.get(p.name, cs, test, "p99").cell(3), res.get(p.name, cs, "cpu").cell(1),
+					res.get(p.name, cs, "syscalls").cell(2), note)
 			}
 		}
 	}
@@ -108,7 +119,7 @@ func runRR(e *env, paths []*path) error {
 	fmt.Fprintf(&b, "## Small requests: redis-benchmark -t get,set (%d alternated repetitions per path)\n\n", e.o.rrReps)
 	fmt.Fprintf(&b, "-c 50 runs -n %d, -c 1 runs -n %d (each per test), against a private redis-server.\n\n", e.o.rrN50, e.o.rrN1)
 	b.WriteString(tb.String())
-	b.WriteString("\nCPU-µs/req: CPU of the intermediate processes over the whole redis-benchmark run (GET and SET together, including connection setup) divided by all its requests; the same value shows on the GET and SET rows.\n\n")
+	b.WriteString("\nCPU-µs/req: CPU of the intermediate processes over the whole redis-benchmark run (GET and SET together, including connection setup) divided by all its requests; the same value shows on the GET and SET rows. syscalls/req: read- and write-family system calls of those processes (syscr + syscw in /proc/PID/io), counted the same way.\n\n")
 	b.WriteString(rrReference + "\n")
 	e.rep.add(b.String())
 	return nil
