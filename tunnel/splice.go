@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -56,9 +57,11 @@ func SpliceCounted(user net.Conn, stream net.Conn, idle time.Duration, c *Counte
 	if ys, ok := stream.(*yamux.Stream); ok {
 		sp.ys = ys
 	}
+	sp.watchIdle()
 	go sp.down()
 	sp.up()
 	<-sp.done
+	sp.stopWatch()
 	res := SpliceResult{Up: sp.nUp, Down: sp.nDown}
 	select {
 	case <-sp.aborted:
@@ -74,6 +77,8 @@ type splice struct {
 	user, stream net.Conn
 	ys           *yamux.Stream
 	idle         *netx.Idle
+	watchdog     *time.Timer   // aborts the pair once idle (nil: no timeout)
+	finished     atomic.Bool   // both directions done: the watchdog stands down
 	done         chan struct{} // closed when down() returns
 	nUp, nDown   int64
 	counters     *Counters
@@ -104,38 +109,59 @@ func (sp *splice) isAborted() bool {
 	}
 }
 
-// idleRetry reports whether a read error was only a deadline with traffic
-// since, and if so pushes the deadline out. An expired idle timer becomes
-// the abort cause.
-func (sp *splice) idleRetry(err error, c net.Conn) (retry bool, cause error) {
-	if sp.isAborted() {
-		return false, err
+// watchIdle starts the idle watchdog: one timer per pair that fires at
+// the idle deadline and either re-arms for the deadline traffic has pushed
+// out since, or aborts the pair. Reads and writes carry no deadline of
+// their own, so a yamux stream read does not arm a timer of its own on
+// every wait.
+func (sp *splice) watchIdle() {
+	if sp.idle.Timeout <= 0 {
+		return
 	}
-	expired, isTimeout := sp.idle.Expired(err)
-	if !isTimeout {
-		return false, err
-	}
-	if expired {
-		return false, fmt.Errorf("idle for %v", sp.idle.Timeout)
-	}
-	_ = c.SetReadDeadline(sp.idle.Deadline())
-	return true, nil
+	// Created far in the future and then reset, so that sp.watchdog is
+	// set before the callback can run.
+	sp.watchdog = time.AfterFunc(time.Duration(math.MaxInt64), sp.checkIdle)
+	sp.watchdog.Reset(sp.idle.Timeout)
 }
 
-// read is c.Read with idle retries.
+func (sp *splice) checkIdle() {
+	if sp.finished.Load() {
+		return
+	}
+	if d := time.Until(sp.idle.Deadline()); d > 0 {
+		sp.watchdog.Reset(d)
+		return
+	}
+	sp.abort(fmt.Errorf("idle for %v", sp.idle.Timeout))
+}
+
+func (sp *splice) stopWatch() {
+	if sp.watchdog != nil {
+		sp.finished.Store(true)
+		sp.watchdog.Stop()
+	}
+}
+
+// read is c.Read, its error replaced by the abort's cause once the pair
+// was aborted.
 func (sp *splice) read(c net.Conn, b []byte) (int, error) {
-	for {
-		n, err := c.Read(b)
-		if n > 0 || err == nil || err == io.EOF {
-			return n, err
-		}
-		if retry, cause := sp.idleRetry(err, c); !retry {
-			return 0, cause
-		}
+	n, err := c.Read(b)
+	if err != nil && err != io.EOF {
+		err = sp.cause(err)
 	}
+	return n, err
 }
 
-// readFull is io.ReadFull with idle retries.
+// cause is the abort's cause once the pair was aborted (the watchdog's
+// idle timeout, say), else err.
+func (sp *splice) cause(err error) error {
+	if sp.isAborted() {
+		return sp.err
+	}
+	return err
+}
+
+// readFull is io.ReadFull through read.
 func (sp *splice) readFull(c net.Conn, b []byte) error {
 	for off := 0; off < len(b); {
 		n, err := sp.read(c, b[off:])
@@ -153,9 +179,6 @@ func (sp *splice) readFull(c net.Conn, b []byte) error {
 // up copies user -> stream. It is the only writer of the stream.
 func (sp *splice) up() {
 	rd := netx.NewReadable(sp.user)
-	if dl := sp.idle.Deadline(); !dl.IsZero() {
-		_ = sp.user.SetReadDeadline(dl)
-	}
 	for {
 		bp, n, err := sp.readUser(rd)
 		if n > 0 {
@@ -197,30 +220,22 @@ func (sp *splice) up() {
 }
 
 // readUser reads the next chunk of the user side into a pooled buffer
-// (at offset 4, room for the frame header), with idle retries. On a raw
+// (at offset 4, room for the frame header). On a raw
 // socket it is one syscall per chunk and holds no buffer while waiting.
 func (sp *splice) readUser(rd *netx.Readable) (*[]byte, int, error) {
-	for {
-		var bp *[]byte
-		var n int
-		var err error
-		if rd != nil {
-			bp, n, err = rd.ReadBuf(4)
-		} else {
-			bp = netx.GetBuf()
-			n, err = sp.user.Read((*bp)[4 : 4+netx.BufSize])
-		}
-		if n > 0 || err == nil {
-			return bp, n, err
-		}
-		if bp != nil {
-			netx.PutBuf(bp)
-		}
-		retry, cause := sp.idleRetry(err, sp.user)
-		if !retry {
-			return nil, 0, cause
-		}
+	var bp *[]byte
+	var n int
+	var err error
+	if rd != nil {
+		bp, n, err = rd.ReadBuf(4)
+	} else {
+		bp = netx.GetBuf()
+		n, err = sp.user.Read((*bp)[4 : 4+netx.BufSize])
 	}
+	if err != nil && err != io.EOF {
+		err = sp.cause(err)
+	}
+	return bp, n, err
 }
 
 // sendAbort tells the peer that this direction was reset, then aborts.
@@ -237,9 +252,6 @@ func (sp *splice) sendAbort(cause error) {
 // down copies stream -> user.
 func (sp *splice) down() {
 	defer close(sp.done)
-	if dl := sp.idle.Deadline(); !dl.IsZero() {
-		_ = sp.stream.SetReadDeadline(dl)
-	}
 	var hdr [4]byte
 	for {
 		if err := sp.readFull(sp.stream, hdr[:]); err != nil {

@@ -10,6 +10,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"os"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -398,6 +399,35 @@ func TestSpliceIdle(t *testing.T) {
 		nr, fr := sp.results(t, 2*time.Second)
 		if !nr.Aborted || !fr.Aborted {
 			t.Fatalf("idle pair not aborted: %+v %+v", nr, fr)
+		}
+	})
+
+	// The far end never reads: the near side fills the socket buffers and
+	// the stream window, then blocks in a write. No read is pending
+	// anywhere that a deadline could end; the watchdog still does.
+	t.Run("stuck writer", func(t *testing.T) {
+		sp := splicePair(t, ln, agent, server, idle)
+		writeErr := make(chan error, 1)
+		go func() {
+			buf := make([]byte, 64<<10)
+			for {
+				if _, err := sp.near.Write(buf); err != nil {
+					writeErr <- err
+					return
+				}
+			}
+		}()
+		select {
+		case <-writeErr:
+		case <-time.After(10 * time.Second):
+			t.Fatal("a pair stuck on a peer that does not read outlived its idle timeout")
+		}
+		nr, fr := sp.results(t, 5*time.Second)
+		if !nr.Aborted || !fr.Aborted {
+			t.Fatalf("results %+v / %+v, want both aborted", nr, fr)
+		}
+		if !strings.Contains(fmt.Sprint(nr.Err, fr.Err), "idle") {
+			t.Fatalf("causes %v / %v, want an idle timeout", nr.Err, fr.Err)
 		}
 	})
 
