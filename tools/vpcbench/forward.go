@@ -46,7 +46,7 @@ func (f *forwarder) serve() {
 				c.Close()
 				return
 			}
-			join(c.(*net.TCPConn), d.(*net.TCPConn))
+			join(c.(*net.TCPConn), d.(*net.TCPConn), 0)
 		}()
 	}
 }

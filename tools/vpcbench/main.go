@@ -54,14 +54,19 @@ type options struct {
 var allSections = []string{"bulk", "rr", "mem", "window"}
 
 const (
-	pDirect  = "direct"
-	pFloor   = "floor"
-	pProxy   = "proxy-port"
-	pFloorFw = "floor+fwd"
-	pSocks   = "socks5d+fwd"
+	pDirect = "direct"
+	pFloor  = "floor"
+	// pFloorCopy is the floor copying through user space (floorCopyBuf
+	// bytes a read), as a multiplexer must: the bound for bulk transfer.
+	pFloorCopy = "floor-copy"
+	pProxy     = "proxy-port"
+	pFloorFw   = "floor+fwd"
+	pSocks     = "socks5d+fwd"
 )
 
-var allPaths = []string{pDirect, pFloor, pProxy, pFloorFw, pSocks}
+var allPaths = []string{pDirect, pFloor, pFloorCopy, pProxy, pFloorFw, pSocks}
+
+const floorCopyBuf = 256 << 10
 
 // -tls modes.
 const (
@@ -460,6 +465,7 @@ func header(o *options) string {
 	b.WriteString("\n\nPaths:\n\n")
 	b.WriteString("- **direct**: client → target.\n")
 	b.WriteString("- **floor**: client → relay1 → relay2 → target; two separate processes of a plain Go relay (io.Copy per direction, half-close; on Linux io.Copy between TCP sockets is splice(2), no user-space copy).\n")
+	b.WriteString("- **floor-copy**: the floor with each relay copying through a 256 KiB user-space buffer (read, then write) instead of splice(2), as any relay that frames or multiplexes must: the bound for bulk transfer through a tunnel on this machine.\n")
 	b.WriteString("- **proxy-port**: client → proxyserver proxy port → tunnel → agent → target.\n")
 	b.WriteString("- **floor+fwd**: client → in-tool forwarder → relay1 → relay2 → relay3 → target: the same number of hops as socks5d+fwd, the fair floor for it.\n")
 	b.WriteString("- **socks5d+fwd**: client → in-tool forwarder (SOCKS5 CONNECT, because iperf3 and redis-benchmark do not speak SOCKS5) → socks5d → relay port → tunnel → agent → target.\n")

@@ -107,12 +107,15 @@ func setupPaths(e *env, targets []string) (ps *pathSet, err error) {
 			switch kind {
 			case pDirect:
 				p.addr[t] = t
-			case pFloor, pFloorFw:
-				n := 2
+			case pFloor, pFloorCopy, pFloorFw:
+				n, copyBuf := 2, 0
 				if kind == pFloorFw {
 					n = 3
 				}
-				ch, err := startChain(e.dir, e.ports, fmt.Sprintf("%s-%s", name, t), n, t)
+				if kind == pFloorCopy {
+					copyBuf = floorCopyBuf
+				}
+				ch, err := startChain(e.dir, e.ports, fmt.Sprintf("%s-%s", name, t), n, t, copyBuf)
 				if err != nil {
 					return nil, err
 				}

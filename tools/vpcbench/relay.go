@@ -18,13 +18,16 @@ import (
 // "vpcbench relay -listen A -to B") so that its CPU and memory are
 // measured like those of the vpcreach binaries. Note that on Linux
 // io.Copy between two *net.TCPConn uses splice(2): the floor never copies
-// payload through user space.
+// payload through user space. With -copy N (the floor-copy path) the relay
+// instead reads into and writes from an N-byte buffer, as any relay that
+// frames or multiplexes must: the bound for such a relay on this machine.
 
 // relayMain is the relay subcommand. It prints "ready ADDR" once listening.
 func relayMain(args []string) int {
 	fs := flag.NewFlagSet("relay", flag.ContinueOnError)
 	listen := fs.String("listen", "", "listen address")
 	to := fs.String("to", "", "address to forward to")
+	copyBuf := fs.Int("copy", 0, "copy through a user-space buffer of this many bytes (0: io.Copy, which splices)")
 	if err := fs.Parse(args); err != nil || *listen == "" || *to == "" {
 		fmt.Fprintln(os.Stderr, "usage: vpcbench relay -listen ADDR -to ADDR")
 		return 2
@@ -54,19 +57,27 @@ func relayMain(args []string) int {
 				c.Close()
 				return
 			}
-			join(c.(*net.TCPConn), d.(*net.TCPConn))
+			join(c.(*net.TCPConn), d.(*net.TCPConn), *copyBuf)
 		}()
 	}
 }
 
-// join copies both ways between a and b with io.Copy, passing an EOF on
-// as a half-close, and closes both when both directions are done.
-func join(a, b *net.TCPConn) {
+// join copies both ways between a and b with io.Copy (or through a
+// buffer of copyBuf bytes), passing an EOF on as a half-close, and closes
+// both when both directions are done.
+func join(a, b *net.TCPConn, copyBuf int) {
 	var wg sync.WaitGroup
 	wg.Add(2)
 	half := func(dst, src *net.TCPConn) {
 		defer wg.Done()
-		if _, err := io.Copy(dst, src); err != nil {
+		var err error
+		if copyBuf > 0 {
+			// Hide ReadFrom and WriteTo, which would splice.
+			_, err = io.CopyBuffer(struct{ io.Writer }{dst}, struct{ io.Reader }{src}, make([]byte, copyBuf))
+		} else {
+			_, err = io.Copy(dst, src)
+		}
+		if err != nil {
 			// A reset or error: end both directions.
 			a.Close()
 			b.Close()
@@ -83,12 +94,12 @@ func join(a, b *net.TCPConn) {
 
 // startRelay starts one relay process from listen to to and waits for
 // its ready line.
-func startRelay(dir, name, listen, to string) (*proc, error) {
+func startRelay(dir, name, listen, to string, copyBuf int) (*proc, error) {
 	self, err := os.Executable()
 	if err != nil {
 		self = os.Args[0]
 	}
-	cmd := exec.Command(self, "relay", "-listen", listen, "-to", to)
+	cmd := exec.Command(self, "relay", "-listen", listen, "-to", to, "-copy", fmt.Sprint(copyBuf))
 	logf, err := os.Create(dir + "/" + name + ".log")
 	if err != nil {
 		return nil, err
@@ -132,7 +143,7 @@ type chain struct {
 	procs []*proc
 }
 
-func startChain(dir string, ports *portAlloc, name string, n int, target string) (*chain, error) {
+func startChain(dir string, ports *portAlloc, name string, n int, target string, copyBuf int) (*chain, error) {
 	c := &chain{}
 	next := target
 	// Start from the target end so each relay's destination is up.
@@ -142,7 +153,7 @@ func startChain(dir string, ports *portAlloc, name string, n int, target string)
 			c.stop()
 			return nil, err
 		}
-		p, err := startRelay(dir, fmt.Sprintf("%s-relay%d", name, i), listen, next)
+		p, err := startRelay(dir, fmt.Sprintf("%s-relay%d", name, i), listen, next, copyBuf)
 		if err != nil {
 			c.stop()
 			return nil, err
