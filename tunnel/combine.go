@@ -20,12 +20,14 @@ import (
 // body, whatever it looks like. A large body (inlineMin and up) arriving
 // while nothing else is queued or being written goes out from the caller
 // with its header in one writev instead, without a copy: bulk transfer
-// gains nothing from batching. A body too large to queue behind its header
+// gains nothing from batching. Over TLS there is no writev (each buffer
+// would be a record of its own), so everything is queued. A body too large to queue behind its header
 // releases the header alone rather than wait for room that would never
 // come.
 type combiner struct {
 	net.Conn
-	max int
+	max    int
+	writev bool // Conn is a TCP socket: net.Buffers go out in one writev
 
 	mu       sync.Mutex
 	cond     sync.Cond
@@ -73,7 +75,8 @@ func (w *combiner) Read(p []byte) (int, error) {
 }
 
 func newCombiner(c net.Conn, max int) *combiner {
-	w := &combiner{Conn: c, max: max, done: make(chan struct{})}
+	_, tcp := c.(*net.TCPConn)
+	w := &combiner{Conn: c, max: max, writev: tcp, done: make(chan struct{})}
 	w.cond.L = &w.mu
 	go w.flush()
 	return w
@@ -108,7 +111,7 @@ func (w *combiner) Write(p []byte) (int, error) {
 		}
 		return 0, err
 	}
-	if w.wantBody && len(p) >= inlineMin && !w.writing && len(w.pending) == yamuxHeaderSize {
+	if w.writev && w.wantBody && len(p) >= inlineMin && !w.writing && len(w.pending) == yamuxHeaderSize {
 		return w.writeInline(p)
 	}
 	w.pending = append(w.pending, p...)

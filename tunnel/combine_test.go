@@ -480,3 +480,42 @@ func TestCombinerDoesNotRetainBody(t *testing.T) {
 		})
 	}
 }
+
+// recordConn records the size of each write.
+type recordConn struct {
+	net.Conn
+	mu     sync.Mutex
+	writes []int
+}
+
+func (c *recordConn) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	c.writes = append(c.writes, len(p))
+	c.mu.Unlock()
+	return c.Conn.Write(p)
+}
+
+// Over a connection without writev (TLS), a large data frame still goes
+// out as one write, header and body together: one TLS record sequence,
+// not a 12-byte record of its own.
+func TestCombinerNoWritevOneWritePerFrame(t *testing.T) {
+	a, b := tcpPair(t)
+	rc := &recordConn{Conn: a}
+	w := newCombiner(rc, 256<<10)
+	defer w.Close()
+	warmUp(t, w, b)
+	body := bytes.Repeat([]byte("z"), 4*inlineMin)
+	hdr := yamuxHeader(0, 1, uint32(len(body)))
+	if _, err := w.Write(hdr); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.Write(body); err != nil {
+		t.Fatal(err)
+	}
+	readN(t, b, len(hdr)+len(body), 5*time.Second)
+	rc.mu.Lock()
+	defer rc.mu.Unlock()
+	if want := []int{12, len(hdr) + len(body)}; fmt.Sprint(rc.writes) != fmt.Sprint(want) {
+		t.Fatalf("writes %v, want %v (warm-up, then the frame in one write)", rc.writes, want)
+	}
+}
