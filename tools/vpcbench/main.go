@@ -59,12 +59,15 @@ const (
 	// pFloorCopy is the floor copying through user space (floorCopyBuf
 	// bytes a read), as a multiplexer must: the bound for bulk transfer.
 	pFloorCopy = "floor-copy"
-	pProxy     = "proxy-port"
-	pFloorFw   = "floor+fwd"
-	pSocks     = "socks5d+fwd"
+	// pFloorYamux is the floor with the relays joined by one yamux
+	// session: what the multiplexer itself costs.
+	pFloorYamux = "floor-yamux"
+	pProxy      = "proxy-port"
+	pFloorFw    = "floor+fwd"
+	pSocks      = "socks5d+fwd"
 )
 
-var allPaths = []string{pDirect, pFloor, pFloorCopy, pProxy, pFloorFw, pSocks}
+var allPaths = []string{pDirect, pFloor, pFloorCopy, pFloorYamux, pProxy, pFloorFw, pSocks}
 
 const floorCopyBuf = 256 << 10
 
@@ -466,6 +469,7 @@ func header(o *options) string {
 	b.WriteString("- **direct**: client → target.\n")
 	b.WriteString("- **floor**: client → relay1 → relay2 → target; two separate processes of a plain Go relay (io.Copy per direction, half-close; on Linux io.Copy between TCP sockets is splice(2), no user-space copy).\n")
 	b.WriteString("- **floor-copy**: the floor with each relay copying through a 256 KiB user-space buffer (read, then write) instead of splice(2), as any relay that frames or multiplexes must: the bound for bulk transfer through a tunnel on this machine.\n")
+	b.WriteString("- **floor-yamux**: the floor with the two relays joined by one yamux v0.1.2 session (a stream per connection, vpcreach's window and copy buffer size, no protocol, framing or write combining): what the multiplexer alone costs.\n")
 	b.WriteString("- **proxy-port**: client → proxyserver proxy port → tunnel → agent → target.\n")
 	b.WriteString("- **floor+fwd**: client → in-tool forwarder → relay1 → relay2 → relay3 → target: the same number of hops as socks5d+fwd, the fair floor for it.\n")
 	b.WriteString("- **socks5d+fwd**: client → in-tool forwarder (SOCKS5 CONNECT, because iperf3 and redis-benchmark do not speak SOCKS5) → socks5d → relay port → tunnel → agent → target.\n")

@@ -76,7 +76,7 @@ func runMem(e *env) error {
 // ends.
 func memPath(e *env, res results, name string, rep int) (float64, error) {
 	if name == pFloor {
-		ch, err := startChain(e.dir, e.ports, fmt.Sprintf("mem%d-floor", rep), 2, e.echo.addr(), 0)
+		ch, err := startChain(e.dir, e.ports, fmt.Sprintf("mem%d-floor", rep), 2, e.echo.addr(), pFloor)
 		if err != nil {
 			return 0, err
 		}

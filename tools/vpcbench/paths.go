@@ -107,15 +107,12 @@ func setupPaths(e *env, targets []string) (ps *pathSet, err error) {
 			switch kind {
 			case pDirect:
 				p.addr[t] = t
-			case pFloor, pFloorCopy, pFloorFw:
-				n, copyBuf := 2, 0
+			case pFloor, pFloorCopy, pFloorYamux, pFloorFw:
+				n := 2
 				if kind == pFloorFw {
 					n = 3
 				}
-				if kind == pFloorCopy {
-					copyBuf = floorCopyBuf
-				}
-				ch, err := startChain(e.dir, e.ports, fmt.Sprintf("%s-%s", name, t), n, t, copyBuf)
+				ch, err := startChain(e.dir, e.ports, fmt.Sprintf("%s-%s", name, t), n, t, kind)
 				if err != nil {
 					return nil, err
 				}
