@@ -253,3 +253,42 @@ func TestMoveMakeBeforeBreak(t *testing.T) {
 	testutil.Eventually(t, 10*time.Second, "old member drained", drained.Load)
 	testutil.Eventually(t, 5*time.Second, "agent holds one session", func() bool { return a.Stats.Sessions.Load() == 1 })
 }
+
+// A second signal ends the agent at once, even while a session it moved
+// away from still carries a connection and its grace period runs.
+func TestAgentHardStopDuringMove(t *testing.T) {
+	echo := testutil.EchoTarget(t)
+	reg := registry.NewMemory(nil)
+	s1 := startServer(t, reg, nil)
+	s2 := startServer(t, reg, nil)
+	longGrace := func(c *agent.Config, _ *agent.Agent) {
+		if c != nil {
+			c.DrainGrace = time.Minute
+		}
+	}
+	a := startAgent(t, []string{s1.ControlAddr().String(), s2.ControlAddr().String()}, []string{echo}, nil, longGrace)
+	r1 := waitRoute(t, reg, echo, "")
+	first := s1
+	if r1.Relay.String() != s1.RelayAddr().String() {
+		first = s2
+	}
+	c, err := net.Dial("tcp", r1.Proxy.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	echoOnce(t, c, "before move")
+	go first.Shutdown(context.Background())
+	testutil.Eventually(t, 5*time.Second, "route moved to the other member", func() bool {
+		r, err := reg.Lookup(context.Background(), r1.Key)
+		return err == nil && r.Proxy != r1.Proxy
+	})
+	echoOnce(t, c, "after move") // the retired session still carries it
+	a.stop()
+	a.hard()
+	select {
+	case <-a.done:
+	case <-time.After(3 * time.Second):
+		t.Fatal("agent still running 3 s after the second signal: the retired session waits out its grace period")
+	}
+}

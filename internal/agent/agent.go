@@ -51,6 +51,10 @@ type Agent struct {
 
 	genMu   sync.Mutex
 	lastGen uint64
+	// hard is Run's hard context (the second signal): retired sessions
+	// stop waiting out their grace period when it ends. Set before the
+	// first retire.
+	hard context.Context
 	applyMu sync.Mutex // one Apply at a time
 
 	mu       sync.Mutex
@@ -202,6 +206,7 @@ func (a *Agent) Reload() {
 // routes, stops taking streams, waits up to the grace period (or until
 // hard is cancelled) for open ones, and returns nil.
 func (a *Agent) Run(ctx, hard context.Context) error {
+	a.hard = hard
 	if a.conf().Admin != "" {
 		srv, err := admin.Listen(a.conf().Admin, a.adminHandler(), a.log)
 		if err != nil {
@@ -589,8 +594,8 @@ func (a *Agent) handleStream(s *session, st net.Conn) (run func()) {
 	}
 }
 
-// retire lets an old session's streams finish (up to the grace period),
-// then closes it. It runs in the background.
+// retire lets an old session's streams finish (up to the grace period,
+// or until the second signal), then closes it. It runs in the background.
 func (a *Agent) retire(s *session, why string) {
 	a.endSession(s)
 	a.wg.Add(1)
@@ -604,6 +609,7 @@ func (a *Agent) retire(s *session, why string) {
 		case <-done:
 		case <-t.C:
 		case <-s.ts.Mux.CloseChan():
+		case <-a.hard.Done():
 		}
 		a.log.Info("closing old session", "session", s.id, "why", why)
 		s.ts.Close()
