@@ -17,13 +17,13 @@ import (
 // halves the writes on the tunnel. A data header is held (the flusher does
 // not take it) until its body, the very next write, is queued, so a frame
 // is not split across syscalls; the write after a data header is always its
-// body, whatever it looks like. A large body (inlineMin and up) arriving
-// while nothing else is queued or being written goes out from the caller
-// with its header in one writev instead, without a copy: bulk transfer
-// gains nothing from batching. Over TLS there is no writev (each buffer
-// would be a record of its own), so everything is queued. A body too large to queue behind its header
-// releases the header alone rather than wait for room that would never
-// come.
+// body, whatever it looks like. A large body (inlineMin and up, bulk
+// transfer) is never copied: once no write is in progress it goes out from
+// the caller in one writev with all that is queued before it, its header
+// last, whatever the size of the queue. Over TLS there is no writev (each
+// buffer would be a record of its own), so everything is queued, and a
+// body too large to queue behind its header releases the header alone
+// rather than wait for room that would never come.
 type combiner struct {
 	net.Conn
 	max    int
@@ -38,7 +38,6 @@ type combiner struct {
 	wantBody bool // the last write was a data header: the next is its body
 	hold     bool // pending ends with a data header whose body is not queued
 	writing  bool // a write syscall is in progress (flusher or inline)
-	hdr      [yamuxHeaderSize]byte
 	bufs     net.Buffers
 	done     chan struct{}
 
@@ -94,6 +93,16 @@ func isDataHeader(p []byte) bool {
 
 func (w *combiner) Write(p []byte) (int, error) {
 	w.mu.Lock()
+	if w.writev && w.wantBody && len(p) >= inlineMin {
+		// A large body: written with what is queued (its header last)
+		// in one writev once no write is in progress, never copied.
+		for w.err == nil && !w.closed && w.writing {
+			w.cond.Wait()
+		}
+		if w.err == nil && !w.closed {
+			return w.writeInline(p)
+		}
+	}
 	for w.err == nil && !w.closed && len(w.pending) > 0 && len(w.pending)+len(p) > w.max {
 		if w.hold {
 			// The flusher is idle, waiting for this body: let it send
@@ -111,9 +120,6 @@ func (w *combiner) Write(p []byte) (int, error) {
 		}
 		return 0, err
 	}
-	if w.writev && w.wantBody && len(p) >= inlineMin && !w.writing && len(w.pending) == yamuxHeaderSize {
-		return w.writeInline(p)
-	}
 	w.pending = append(w.pending, p...)
 	switch {
 	case w.wantBody:
@@ -130,14 +136,15 @@ func (w *combiner) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// writeInline writes p now, after the data header held for it, in one
-// writev and without waking the flusher. Called with mu held, nothing else
-// queued and no write in progress; returns with mu released.
+// writeInline writes what is queued (ending with the data header held
+// for p) and p in one writev, without copying p and without waking the
+// flusher. Called with mu held and no write in progress; returns with mu
+// released.
 func (w *combiner) writeInline(p []byte) (int, error) {
-	copy(w.hdr[:], w.pending)
-	w.pending = w.pending[:0]
+	buf := w.pending
+	w.pending, w.spare = w.spare[:0], nil
 	w.wantBody, w.hold = false, false
-	w.bufs = append(w.bufs[:0], w.hdr[:], p)
+	w.bufs = append(w.bufs[:0], buf, p)
 	w.writing = true
 	bufs := w.bufs
 	w.mu.Unlock()
@@ -146,6 +153,7 @@ func (w *combiner) writeInline(p []byte) (int, error) {
 
 	w.mu.Lock()
 	w.writing = false
+	w.recycle(buf)
 	if err != nil && w.err == nil {
 		w.err = err
 	}
@@ -156,6 +164,16 @@ func (w *combiner) writeInline(p []byte) (int, error) {
 		return 0, err
 	}
 	return len(p), nil
+}
+
+// recycle keeps a written queue buffer for the next one, unless it grew
+// too large. Called with mu held.
+func (w *combiner) recycle(buf []byte) {
+	if cap(buf) <= 2*w.max {
+		w.spare = buf[:0]
+	} else {
+		w.spare = nil
+	}
 }
 
 func (w *combiner) flush() {
@@ -183,15 +201,11 @@ func (w *combiner) flush() {
 
 		w.mu.Lock()
 		w.writing = false
-		if cap(buf) <= 2*w.max {
-			w.spare = buf[:0]
-		} else {
-			w.spare = nil
-		}
+		w.recycle(buf)
 		if err != nil {
 			w.err = err
-			w.cond.Broadcast()
 		}
+		w.cond.Broadcast() // a large body waiting for the socket; writers after an error
 	}
 }
 

@@ -456,7 +456,7 @@ func TestCombinerBatchesWhileWriting(t *testing.T) {
 // buffer as soon as Write returns. Small bodies are copied into the queue,
 // large ones written before Write returns.
 func TestCombinerDoesNotRetainBody(t *testing.T) {
-	for _, size := range []int{100, inlineMin, 4 * inlineMin} {
+	for _, size := range []int{100, inlineMin, 4 * inlineMin, 1 << 20} { // the last larger than the queue
 		t.Run(fmt.Sprint(size), func(t *testing.T) {
 			a, b := tcpPair(t)
 			w := newCombiner(a, 256<<10)
@@ -517,5 +517,38 @@ func TestCombinerNoWritevOneWritePerFrame(t *testing.T) {
 	defer rc.mu.Unlock()
 	if want := []int{12, len(hdr) + len(body)}; fmt.Sprint(rc.writes) != fmt.Sprint(want) {
 		t.Fatalf("writes %v, want %v (warm-up, then the frame in one write)", rc.writes, want)
+	}
+}
+
+// One writer, as yamux's send loop: control frames, small and large data
+// frames (one larger than the queue) go out complete and in order.
+func TestCombinerMixedFramesInOrder(t *testing.T) {
+	a, b := tcpPair(t)
+	w := newCombiner(a, 64<<10)
+	defer w.Close()
+	var writes [][]byte
+	for i, size := range []int{0, 100, 1 << 20, 0, 20 << 10, 7, 200 << 10, 0} {
+		if size == 0 {
+			writes = append(writes, yamuxHeader(1, uint32(i), 4096)) // a window update
+			continue
+		}
+		writes = append(writes, yamuxHeader(0, uint32(i), uint32(size)), bytes.Repeat([]byte{byte(i)}, size))
+	}
+	done := make(chan error, 1)
+	go func() {
+		for _, p := range writes {
+			if _, err := w.Write(p); err != nil {
+				done <- err
+				return
+			}
+		}
+		done <- nil
+	}()
+	want := bytes.Join(writes, nil)
+	if got := readN(t, b, len(want), 10*time.Second); !bytes.Equal(got, want) {
+		t.Fatal("frames corrupted or reordered")
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
 	}
 }

@@ -282,9 +282,14 @@ func (sp *splice) down() {
 
 func (sp *splice) copyFrame(n int) error {
 	n0 := n
-	bp := netx.GetBuf()
+	var bp *[]byte
+	if n > netx.BufSize {
+		bp = netx.GetBulkBuf()
+	} else {
+		bp = netx.GetBuf()
+	}
 	defer netx.PutBuf(bp)
-	buf := (*bp)[:netx.BufSize]
+	buf := (*bp)[:len(*bp)-4]
 	for n > 0 {
 		chunk := buf
 		if n < len(chunk) {

@@ -54,7 +54,7 @@ type Agent struct {
 	// hard is Run's hard context (the second signal): retired sessions
 	// stop waiting out their grace period when it ends. Set before the
 	// first retire.
-	hard context.Context
+	hard    context.Context
 	applyMu sync.Mutex // one Apply at a time
 
 	mu       sync.Mutex

@@ -20,13 +20,34 @@ import (
 // BufSize is the size of pooled copy buffers.
 const BufSize = 128 << 10
 
-var bufPool = sync.Pool{New: func() any { b := make([]byte, BufSize+4); return &b }}
+// BulkBufSize is the size of the pooled buffers a bulk transfer moves in:
+// a connection whose reads fill at least BulkThreshold bytes reads up to
+// this much at a time, so each chunk costs one hand-off through the
+// tunnel per MiB instead of one per 128 KiB.
+const BulkBufSize = 1 << 20
+
+// BulkThreshold is the read size from which a connection counts as bulk.
+const BulkThreshold = 64 << 10
+
+var (
+	bufPool     = sync.Pool{New: func() any { b := make([]byte, BufSize+4); return &b }}
+	bulkBufPool = sync.Pool{New: func() any { b := make([]byte, BulkBufSize+4); return &b }}
+)
 
 // GetBuf returns a pooled buffer of BufSize+4 bytes (room for a frame header).
 func GetBuf() *[]byte { return bufPool.Get().(*[]byte) }
 
-// PutBuf returns a buffer to the pool.
-func PutBuf(b *[]byte) { bufPool.Put(b) }
+// GetBulkBuf returns a pooled buffer of BulkBufSize+4 bytes.
+func GetBulkBuf() *[]byte { return bulkBufPool.Get().(*[]byte) }
+
+// PutBuf returns a buffer from GetBuf or GetBulkBuf to its pool.
+func PutBuf(b *[]byte) {
+	if len(*b) == BulkBufSize+4 {
+		bulkBufPool.Put(b)
+		return
+	}
+	bufPool.Put(b)
+}
 
 // Reset closes c so that the peer sees a reset (RST), not a clean EOF.
 func Reset(c net.Conn) {
@@ -78,9 +99,10 @@ func UserTimeout(c net.Conn, d time.Duration) error {
 // A socket error seen while waiting (a reset) is returned by Wait: the
 // kernel reports it only once, so the following Read would see a clean EOF.
 type Readable struct {
-	rc  syscall.RawConn
-	f   func(uintptr) bool
-	err syscall.Errno
+	rc   syscall.RawConn
+	f    func(uintptr) bool
+	err  syscall.Errno
+	bulk bool // the last ReadBuf filled BulkThreshold or more
 }
 
 // NewReadable returns a waiter for c, or nil if c has no raw socket.
@@ -130,7 +152,8 @@ func (r *Readable) Wait() error {
 }
 
 // ReadBuf reads from the socket into a pooled buffer at offset off (up to
-// BufSize bytes) in one syscall when data is there, and holds no buffer
+// BufSize bytes, or BulkBufSize after a read of BulkThreshold or more: the
+// buffer's length less 4) in one syscall when data is there, and holds no buffer
 // while it waits: the buffer is taken before each attempt and returned
 // when the socket has nothing. It honours the read deadline. On success
 // the caller owns bp and returns it with PutBuf; n == 0 with a nil error
@@ -142,9 +165,13 @@ func (r *Readable) ReadBuf(off int) (bp *[]byte, n int, err error) {
 	var errno syscall.Errno
 	rerr := r.rc.Read(func(fd uintptr) bool {
 		if bp == nil {
-			bp = GetBuf()
+			if r.bulk {
+				bp = GetBulkBuf()
+			} else {
+				bp = GetBuf()
+			}
 		}
-		buf := (*bp)[off : off+BufSize]
+		buf := (*bp)[off : off+len(*bp)-4]
 		m, _, e := syscall.Syscall(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf)))
 		switch e {
 		case syscall.EAGAIN:
@@ -169,5 +196,6 @@ func (r *Readable) ReadBuf(off int) (bp *[]byte, n int, err error) {
 		PutBuf(bp)
 		bp = nil
 	}
+	r.bulk = n >= BulkThreshold
 	return bp, n, err
 }

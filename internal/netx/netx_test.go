@@ -258,3 +258,52 @@ func TestReadableWithoutSocket(t *testing.T) {
 		t.Fatalf("nil waiter: %v", err)
 	}
 }
+
+// A connection whose last read filled BulkThreshold or more reads into a
+// bulk buffer next; after a small read it is back to small buffers.
+func TestReadBufBulkMode(t *testing.T) {
+	c, peer := tcpPair(t)
+	r := NewReadable(c)
+	_ = c.SetReadDeadline(time.Now().Add(20 * time.Second))
+	const total = 8 << 20
+	go func() { _, _ = peer.Write(make([]byte, total)) }()
+	bufLen := func(prev int) int {
+		if prev >= BulkThreshold {
+			return BulkBufSize + 4
+		}
+		return BufSize + 4
+	}
+	prev, got, bulkReads := 0, 0, 0
+	for got < total {
+		bp, n, err := r.ReadBuf(4)
+		if err != nil {
+			t.Fatalf("after %d bytes: %v", got, err)
+		}
+		if len(*bp) != bufLen(prev) {
+			t.Fatalf("read after one of %d bytes used a %d-byte buffer, want %d", prev, len(*bp), bufLen(prev))
+		}
+		if len(*bp) == BulkBufSize+4 {
+			bulkReads++
+		}
+		PutBuf(bp)
+		got += n
+		prev = n
+	}
+	if bulkReads == 0 {
+		t.Fatal("8 MiB read without ever switching to bulk buffers")
+	}
+	for i := range 2 {
+		if _, err := peer.Write([]byte("small")); err != nil {
+			t.Fatal(err)
+		}
+		bp, n, err := r.ReadBuf(4)
+		if err != nil || n != 5 {
+			t.Fatalf("small read %d: %d, %v", i, n, err)
+		}
+		if len(*bp) != bufLen(prev) {
+			t.Fatalf("small read %d used a %d-byte buffer, want %d", i, len(*bp), bufLen(prev))
+		}
+		PutBuf(bp)
+		prev = n
+	}
+}

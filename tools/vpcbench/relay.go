@@ -27,8 +27,8 @@ import (
 // frames or multiplexes must: the bound for such a relay on this machine.
 // With -mux (the floor-yamux path) the two relays talk over one yamux
 // session on one TCP connection, a stream per client connection, with
-// the window vpcreach uses: what yamux itself costs, without vpcreach's
-// protocol, framing or write combining.
+// the window and bulk chunk size vpcreach uses: what yamux itself costs,
+// without vpcreach's protocol, framing or write combining.
 
 // relayMain is the relay subcommand. It prints "ready ADDR" once listening.
 func relayMain(args []string) int {
@@ -176,7 +176,7 @@ func muxServer(ln net.Listener, to string) int {
 }
 
 // joinStream copies both ways between a TCP connection and a yamux
-// stream with netx.BufSize buffers, as vpcreach does; an EOF from the
+// stream with netx.BulkBufSize buffers, vpcreach's bulk chunk; an EOF from the
 // socket closes the stream (yamux's half-close), one from the stream
 // half-closes the socket.
 func joinStream(c *net.TCPConn, st *yamux.Stream) {
@@ -184,12 +184,12 @@ func joinStream(c *net.TCPConn, st *yamux.Stream) {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		if _, err := io.CopyBuffer(st, struct{ io.Reader }{c}, make([]byte, netx.BufSize)); err != nil {
+		if _, err := io.CopyBuffer(st, struct{ io.Reader }{c}, make([]byte, netx.BulkBufSize)); err != nil {
 			c.Close()
 		}
 		st.Close()
 	}()
-	if _, err := io.CopyBuffer(struct{ io.Writer }{c}, st, make([]byte, netx.BufSize)); err != nil {
+	if _, err := io.CopyBuffer(struct{ io.Writer }{c}, st, make([]byte, netx.BulkBufSize)); err != nil {
 		c.Close()
 		st.Close()
 	} else {
