@@ -17,17 +17,18 @@ import (
 // halves the writes on the tunnel. A data header is held (the flusher does
 // not take it) until its body, the very next write, is queued, so a frame
 // is not split across syscalls; the write after a data header is always its
-// body, whatever it looks like. A large body (inlineMin and up, bulk
-// transfer) is never copied: once no write is in progress it goes out from
-// the caller in one writev with all that is queued before it, its header
-// last, whatever the size of the queue. Over TLS there is no writev (each
-// buffer would be a record of its own), so everything is queued, and a
-// body too large to queue behind its header releases the header alone
-// rather than wait for room that would never come.
+// body, whatever it looks like, and the two go out in one write (over TLS,
+// one record sequence rather than a 12-byte record of its own). A large
+// body (inlineMin and up, bulk transfer) is never copied: once no write is
+// in progress it goes out from the caller with all that is queued before
+// it, its header last, whatever the size of the queue: one writev on a TCP
+// socket; over TLS two writes, one extra record per large frame. A smaller
+// body that does not fit behind its header in the queue (write_buffer below
+// inlineMin) releases the header alone rather than wait for room that
+// would never come.
 type combiner struct {
 	net.Conn
-	max    int
-	writev bool // Conn is a TCP socket: net.Buffers go out in one writev
+	max int
 
 	mu       sync.Mutex
 	cond     sync.Cond
@@ -74,8 +75,7 @@ func (w *combiner) Read(p []byte) (int, error) {
 }
 
 func newCombiner(c net.Conn, max int) *combiner {
-	_, tcp := c.(*net.TCPConn)
-	w := &combiner{Conn: c, max: max, writev: tcp, done: make(chan struct{})}
+	w := &combiner{Conn: c, max: max, done: make(chan struct{})}
 	w.cond.L = &w.mu
 	go w.flush()
 	return w
@@ -93,7 +93,7 @@ func isDataHeader(p []byte) bool {
 
 func (w *combiner) Write(p []byte) (int, error) {
 	w.mu.Lock()
-	if w.writev && w.wantBody && len(p) >= inlineMin {
+	if w.wantBody && len(p) >= inlineMin {
 		// A large body: written with what is queued (its header last)
 		// in one writev once no write is in progress, never copied.
 		for w.err == nil && !w.closed && w.writing {
@@ -137,7 +137,7 @@ func (w *combiner) Write(p []byte) (int, error) {
 }
 
 // writeInline writes what is queued (ending with the data header held
-// for p) and p in one writev, without copying p and without waking the
+// for p) and p, in one writev on a TCP socket, without copying p and without waking the
 // flusher. Called with mu held and no write in progress; returns with mu
 // released.
 func (w *combiner) writeInline(p []byte) (int, error) {

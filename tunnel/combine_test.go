@@ -495,28 +495,30 @@ func (c *recordConn) Write(p []byte) (int, error) {
 	return c.Conn.Write(p)
 }
 
-// Over a connection without writev (TLS), a large data frame still goes
-// out as one write, header and body together: one TLS record sequence,
-// not a 12-byte record of its own.
-func TestCombinerNoWritevOneWritePerFrame(t *testing.T) {
+// Over a connection without writev (TLS), a small data frame goes out as
+// one write, header and body together (one record sequence, not a 12-byte
+// record of its own); a large one as two writes, its body not copied.
+func TestCombinerWithoutWritev(t *testing.T) {
 	a, b := tcpPair(t)
 	rc := &recordConn{Conn: a}
 	w := newCombiner(rc, 256<<10)
 	defer w.Close()
 	warmUp(t, w, b)
-	body := bytes.Repeat([]byte("z"), 4*inlineMin)
-	hdr := yamuxHeader(0, 1, uint32(len(body)))
-	if _, err := w.Write(hdr); err != nil {
-		t.Fatal(err)
+	for _, size := range []int{100, 4 * inlineMin} {
+		body := bytes.Repeat([]byte("z"), size)
+		hdr := yamuxHeader(0, 1, uint32(size))
+		if _, err := w.Write(hdr); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := w.Write(body); err != nil {
+			t.Fatal(err)
+		}
+		readN(t, b, len(hdr)+len(body), 5*time.Second)
 	}
-	if _, err := w.Write(body); err != nil {
-		t.Fatal(err)
-	}
-	readN(t, b, len(hdr)+len(body), 5*time.Second)
 	rc.mu.Lock()
 	defer rc.mu.Unlock()
-	if want := []int{12, len(hdr) + len(body)}; fmt.Sprint(rc.writes) != fmt.Sprint(want) {
-		t.Fatalf("writes %v, want %v (warm-up, then the frame in one write)", rc.writes, want)
+	if want := []int{12, 12 + 100, 12, 4 * inlineMin}; fmt.Sprint(rc.writes) != fmt.Sprint(want) {
+		t.Fatalf("writes %v, want %v (warm-up, the small frame in one write, the large one as header then body)", rc.writes, want)
 	}
 }
 
