@@ -137,9 +137,9 @@ func (w *combiner) Write(p []byte) (int, error) {
 }
 
 // writeInline writes what is queued (ending with the data header held
-// for p) and p, in one writev on a TCP socket, without copying p and without waking the
-// flusher. Called with mu held and no write in progress; returns with mu
-// released.
+// for p) and p, in one writev on a TCP socket, without copying p and
+// without waking the flusher. Called with mu held and no write in
+// progress; returns with mu released.
 func (w *combiner) writeInline(p []byte) (int, error) {
 	buf := w.pending
 	w.pending, w.spare = w.spare[:0], nil
