@@ -69,15 +69,22 @@ func (j *joiner) copy(dst net.Conn, src io.Reader, rc net.Conn, count *atomic.In
 	if dl := j.idle.Deadline(); !dl.IsZero() {
 		_ = rc.SetReadDeadline(dl)
 	}
+	bulk := false // the last read filled BulkThreshold: read in bulk buffers
 	for {
 		var err error
 		if bufd == nil || bufd.Buffered() == 0 {
 			err = rd.Wait()
 		}
 		if err == nil {
-			bp := GetBuf()
+			var bp *[]byte
+			if bulk {
+				bp = GetBulkBuf()
+			} else {
+				bp = GetBuf()
+			}
 			var m int
-			m, err = src.Read((*bp)[:BufSize])
+			m, err = src.Read((*bp)[:len(*bp)-4])
+			bulk = m >= BulkThreshold
 			if m > 0 {
 				j.idle.Touch()
 				if _, werr := dst.Write((*bp)[:m]); werr != nil {
