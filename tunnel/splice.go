@@ -282,12 +282,7 @@ func (sp *splice) down() {
 
 func (sp *splice) copyFrame(n int) error {
 	n0 := n
-	var bp *[]byte
-	if n > netx.BufSize {
-		bp = netx.GetBulkBuf()
-	} else {
-		bp = netx.GetBuf()
-	}
+	bp := netx.GetBufFor(n > netx.BufSize)
 	defer netx.PutBuf(bp)
 	buf := (*bp)[:len(*bp)-4]
 	for n > 0 {

@@ -246,7 +246,7 @@ func (a *Agent) Run(ctx, hard context.Context) error {
 		case endCtx:
 		}
 	}
-	a.drain(hard)
+	a.drain()
 	return nil
 }
 
@@ -617,16 +617,23 @@ func (a *Agent) retire(s *session, why string) {
 	}()
 }
 
-// drain runs at shutdown: withdraw routes, refuse new streams, wait for
-// open ones, close.
-func (a *Agent) drain(hard context.Context) {
-	a.draining.Store(true)
+// sessionList is a snapshot of the agent's sessions.
+func (a *Agent) sessionList() []*session {
 	a.mu.Lock()
+	defer a.mu.Unlock()
 	ss := make([]*session, 0, len(a.sessions))
 	for s := range a.sessions {
 		ss = append(ss, s)
 	}
-	a.mu.Unlock()
+	return ss
+}
+
+// drain runs at shutdown: withdraw routes, refuse new streams, wait for
+// open ones (until the grace period ends or a.hard does), close.
+func (a *Agent) drain() {
+	hard := a.hard
+	a.draining.Store(true)
+	ss := a.sessionList()
 	a.log.Info("draining", "sessions", len(ss), "grace", a.conf().DrainGrace)
 	for _, s := range ss {
 		if err := s.ts.Send(&tunnel.Control{Type: tunnel.MsgWithdraw}); err == nil {
@@ -687,12 +694,7 @@ func (a *Agent) Apply(cfg *Config) error {
 		return err
 	}
 	a.live.Store(lc)
-	a.mu.Lock()
-	ss := make([]*session, 0, len(a.sessions))
-	for s := range a.sessions {
-		ss = append(ss, s)
-	}
-	a.mu.Unlock()
+	ss := a.sessionList()
 	for _, s := range ss {
 		a.retarget(s, cfg.Targets)
 	}

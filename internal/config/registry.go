@@ -114,18 +114,29 @@ func (c *Redis) validate(p *Problems, key string) {
 	}
 }
 
+// CertPool reads the PEM certificates in path (the file of config key
+// key) into a pool; a file with none is an error.
+func CertPool(key, path string) (*x509.CertPool, error) {
+	pem, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("%s %s: no PEM certificate in it", key, path)
+	}
+	return pool, nil
+}
+
 // Config loads the TLS files.
 func (t *TLSFiles) Config() (*tls.Config, error) {
 	cfg := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: t.ServerName}
 	if t.CAFile != "" {
-		pem, err := os.ReadFile(t.CAFile)
+		pool, err := CertPool("ca_file", t.CAFile)
 		if err != nil {
 			return nil, err
 		}
-		cfg.RootCAs = x509.NewCertPool()
-		if !cfg.RootCAs.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("ca_file %s: no PEM certificate in it", t.CAFile)
-		}
+		cfg.RootCAs = pool
 	}
 	if (t.CertFile == "") != (t.KeyFile == "") {
 		return nil, errors.New("cert_file and key_file go together")

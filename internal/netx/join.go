@@ -76,12 +76,7 @@ func (j *joiner) copy(dst net.Conn, src io.Reader, rc net.Conn, count *atomic.In
 			err = rd.Wait()
 		}
 		if err == nil {
-			var bp *[]byte
-			if bulk {
-				bp = GetBulkBuf()
-			} else {
-				bp = GetBuf()
-			}
+			bp := GetBufFor(bulk)
 			var m int
 			m, err = src.Read((*bp)[:len(*bp)-4])
 			bulk = m >= BulkThreshold

@@ -37,10 +37,16 @@ var (
 // GetBuf returns a pooled buffer of BufSize+4 bytes (room for a frame header).
 func GetBuf() *[]byte { return bufPool.Get().(*[]byte) }
 
-// GetBulkBuf returns a pooled buffer of BulkBufSize+4 bytes.
-func GetBulkBuf() *[]byte { return bulkBufPool.Get().(*[]byte) }
+// GetBufFor returns a pooled buffer of BulkBufSize+4 bytes if bulk, else
+// GetBuf().
+func GetBufFor(bulk bool) *[]byte {
+	if bulk {
+		return bulkBufPool.Get().(*[]byte)
+	}
+	return GetBuf()
+}
 
-// PutBuf returns a buffer from GetBuf or GetBulkBuf to its pool.
+// PutBuf returns a buffer from GetBuf or GetBufFor to its pool.
 func PutBuf(b *[]byte) {
 	if len(*b) == BulkBufSize+4 {
 		bulkBufPool.Put(b)
@@ -165,11 +171,7 @@ func (r *Readable) ReadBuf(off int) (bp *[]byte, n int, err error) {
 	var errno syscall.Errno
 	rerr := r.rc.Read(func(fd uintptr) bool {
 		if bp == nil {
-			if r.bulk {
-				bp = GetBulkBuf()
-			} else {
-				bp = GetBuf()
-			}
+			bp = GetBufFor(r.bulk)
 		}
 		buf := (*bp)[off : off+len(*bp)-4]
 		m, _, e := syscall.Syscall(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf)))

@@ -127,15 +127,11 @@ func (t *ServerTLS) config() (*tls.Config, error) {
 	}
 	cfg := &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{cert}}
 	if t.ClientCAFile != "" {
-		pem, err := os.ReadFile(t.ClientCAFile)
+		pool, err := config.CertPool("client_ca_file", t.ClientCAFile)
 		if err != nil {
 			return nil, err
 		}
-		cfg.ClientCAs = x509.NewCertPool()
-		if !cfg.ClientCAs.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("client_ca_file %s: no PEM certificate in it", t.ClientCAFile)
-		}
-		cfg.ClientAuth = tls.RequireAndVerifyClientCert
+		cfg.ClientCAs, cfg.ClientAuth = pool, tls.RequireAndVerifyClientCert
 	}
 	return cfg, nil
 }
