@@ -1,9 +1,14 @@
 package tunnel
 
 import (
+	"encoding/binary"
+	"fmt"
 	"net"
 	"sync"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // combiner is the net.Conn a yamux session writes to. yamux writes each
@@ -45,6 +50,13 @@ type combiner struct {
 	// Read side, used only by yamux's receive goroutine.
 	rbuf       []byte
 	rpos, rlen int
+
+	// Spliced frames (spliced.go); splices is nil when the session does
+	// not use them.
+	splices *spliceTable
+	rc      syscall.RawConn
+	pass    int  // bytes of the current yamux frame still to hand to yamux
+	hdrOnly bool // after a large spliced body, read the next header alone
 }
 
 // readBufSize is the read-ahead of the tunnel socket. yamux reads through
@@ -52,8 +64,13 @@ type combiner struct {
 // frames per syscall.
 const readBufSize = 64 << 10
 
-// Read serves yamux's reader from the read-ahead buffer.
+// Read serves yamux's reader from the read-ahead buffer. On a session
+// with spliced frames it is a demultiplexer: it parses the frame headers,
+// hands yamux its frames and takes the spliced ones out (readSpliced).
 func (w *combiner) Read(p []byte) (int, error) {
+	if w.splices != nil {
+		return w.readDemux(p)
+	}
 	if w.rpos < w.rlen {
 		n := copy(p, w.rbuf[w.rpos:w.rlen])
 		w.rpos += n
@@ -72,6 +89,140 @@ func (w *combiner) Read(p []byte) (int, error) {
 	w.rlen = n
 	w.rpos = copy(p, w.rbuf[:n])
 	return w.rpos, nil // an error with data recurs on the next read
+}
+
+func (w *combiner) readDemux(p []byte) (int, error) {
+	for w.pass == 0 {
+		if err := w.fill(yamuxHeaderSize); err != nil {
+			w.splices.endAll()
+			return 0, err
+		}
+		h := w.rbuf[w.rpos : w.rpos+yamuxHeaderSize]
+		typ, flags := h[1], binary.BigEndian.Uint16(h[2:4])
+		id, length := binary.BigEndian.Uint32(h[4:8]), binary.BigEndian.Uint32(h[8:12])
+		if flags&flagSplice != 0 && (typ == typeData || typ == typeWindow) {
+			w.rpos += yamuxHeaderSize
+			if typ == typeWindow {
+				if ss := w.splices.get(id); ss != nil {
+					ss.grantCredit(length)
+				}
+				continue
+			}
+			if err := w.readSpliced(id, flags, length); err != nil {
+				w.splices.endAll()
+				return 0, err
+			}
+			continue
+		}
+		if flags&(yamuxFlagFIN|yamuxFlagRST) != 0 {
+			if ss := w.splices.get(id); ss != nil {
+				ss.peerEnded()
+			}
+		}
+		w.pass = yamuxHeaderSize
+		if typ == typeData {
+			w.pass += int(length)
+		}
+	}
+	n := min(len(p), w.pass)
+	if w.rpos == w.rlen && n >= readBufSize {
+		// A large body: straight into yamux's buffer, never past the frame.
+		m, err := w.Conn.Read(p[:n])
+		w.pass -= m
+		if m == 0 {
+			w.splices.endAll()
+		}
+		return m, err
+	}
+	if err := w.fill(1); err != nil {
+		w.splices.endAll()
+		return 0, err
+	}
+	n = copy(p[:n], w.rbuf[w.rpos:w.rlen])
+	w.rpos += n
+	w.pass -= n
+	return n, nil
+}
+
+// fill reads until at least need bytes are buffered. After a large
+// spliced body it reads only what it needs (a header), so that the next
+// body is not read into user space.
+func (w *combiner) fill(need int) error {
+	if w.rlen-w.rpos >= need {
+		return nil
+	}
+	if w.rbuf == nil {
+		w.rbuf = make([]byte, readBufSize)
+	}
+	if w.rpos > 0 {
+		w.rlen = copy(w.rbuf, w.rbuf[w.rpos:w.rlen])
+		w.rpos = 0
+	}
+	for w.rlen < need {
+		max := len(w.rbuf)
+		if w.hdrOnly {
+			max = need
+		}
+		n, err := w.Conn.Read(w.rbuf[w.rlen:max])
+		w.rlen += n
+		if err != nil && w.rlen < need {
+			return err
+		}
+	}
+	w.hdrOnly = false
+	return nil
+}
+
+// readSpliced takes in the body of a spliced data frame (or its end or
+// abort marker) for stream id.
+func (w *combiner) readSpliced(id uint32, flags uint16, length uint32) error {
+	ss := w.splices.get(id)
+	if length == 0 {
+		switch {
+		case ss == nil:
+		case flags&flagSpliceAbort != 0:
+			ss.pushMarker(segAbort)
+		case flags&flagSpliceEOF != 0:
+			ss.pushMarker(segEOF)
+		}
+		return nil
+	}
+	if length > MaxDataFrame {
+		return fmt.Errorf("%w: spliced frame of %d bytes", ErrProtocol, length)
+	}
+	if err := ss.checkWindow(int(length)); err != nil {
+		return err
+	}
+	n := int(length)
+	if take := min(n, w.rlen-w.rpos); take > 0 {
+		if ss != nil {
+			ss.pushBytes(w.rbuf[w.rpos : w.rpos+take])
+		}
+		w.rpos += take
+		n -= take
+	}
+	if n == 0 {
+		return nil
+	}
+	w.rpos, w.rlen = 0, 0 // empty: the buffer is scratch space for drops
+	for n > 0 {
+		var moved int
+		var ferr error
+		err := w.rc.Read(func(fd uintptr) bool {
+			var done bool
+			moved, ferr, done = ss.recvBody(int(fd), n, w.rbuf)
+			return done
+		})
+		if err == nil {
+			err = ferr
+		}
+		if err != nil {
+			return err
+		}
+		n -= moved
+	}
+	w.hdrOnly = length >= inlineMin
+	return nil
 }
 
 func newCombiner(c net.Conn, max int) *combiner {
@@ -207,6 +358,98 @@ func (w *combiner) flush() {
 		}
 		w.cond.Broadcast() // a large body waiting for the socket; writers after an error
 	}
+}
+
+// queueFrame queues a frame of this package's own (a spliced frame's
+// credit or end marker), never between a yamux data header and its body.
+func (w *combiner) queueFrame(p []byte) { _ = w.queueFrameErr(p) }
+
+// queueFrameErr is queueFrame, reporting a dead connection.
+func (w *combiner) queueFrameErr(p []byte) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for w.err == nil && !w.closed && w.wantBody {
+		w.cond.Wait()
+	}
+	switch {
+	case w.err != nil:
+		return w.err
+	case w.closed:
+		return net.ErrClosed
+	}
+	w.pending = append(w.pending, p...)
+	w.cond.Broadcast()
+	return nil
+}
+
+// writeSpliced writes what is queued, then hdr, then n bytes from the
+// pipe p, with nothing in between; the pipe holds exactly n bytes.
+func (w *combiner) writeSpliced(hdr []byte, p int, n int) error {
+	w.mu.Lock()
+	for w.err == nil && !w.closed && (w.writing || w.wantBody) {
+		w.cond.Wait()
+	}
+	if w.err != nil || w.closed {
+		err := w.err
+		w.mu.Unlock()
+		if err == nil {
+			err = net.ErrClosed
+		}
+		return err
+	}
+	buf := append(w.pending, hdr...)
+	w.pending, w.spare = w.spare[:0], nil
+	w.hold = false
+	w.writing = true
+	w.mu.Unlock()
+
+	err := w.sendSpliced(buf, p, n)
+
+	w.mu.Lock()
+	w.writing = false
+	w.recycle(buf)
+	if err != nil && w.err == nil {
+		w.err = err
+	}
+	err = w.err
+	w.cond.Broadcast()
+	w.mu.Unlock()
+	return err
+}
+
+// sendSpliced writes buf (MSG_MORE: the body follows) and splices n bytes
+// from pipe p to the socket.
+func (w *combiner) sendSpliced(buf []byte, p int, n int) error {
+	var serr error
+	err := w.rc.Write(func(fd uintptr) bool {
+		for len(buf) > 0 {
+			m, err := unix.SendmsgN(int(fd), buf, nil, nil, unix.MSG_MORE)
+			if err == syscall.EAGAIN {
+				return false
+			}
+			if err != nil && err != syscall.EINTR {
+				serr = err
+				return true
+			}
+			buf = buf[m:]
+		}
+		for n > 0 {
+			m, err := unix.Splice(p, nil, int(fd), nil, n, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+			if err == syscall.EAGAIN {
+				return false
+			}
+			if err != nil && err != syscall.EINTR {
+				serr = err
+				return true
+			}
+			n -= int(m)
+		}
+		return true
+	})
+	if err == nil {
+		err = serr
+	}
+	return err
 }
 
 // closeFlushTimeout bounds how long Close spends writing what is queued.

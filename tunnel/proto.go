@@ -88,6 +88,9 @@ type Hello struct {
 	SessionID  string   `json:"session_id"`
 	Generation uint64   `json:"generation"`
 	Targets    []Target `json:"targets"`
+	// Splice offers spliced frames (spec.md): the agent's end of the
+	// tunnel is a plain TCP socket. Older servers ignore it.
+	Splice bool `json:"splice,omitempty"`
 
 	// Secret is the agent's token, never sent: ClientHandshake uses it to
 	// answer a challenge.
@@ -115,6 +118,8 @@ type Welcome struct {
 	ServerID string          `json:"server_id"`
 	Routes   []RouteInfo     `json:"routes"`
 	Refused  []TargetRefusal `json:"refused,omitempty"`
+	// Splice accepts the hello's offer of spliced frames.
+	Splice bool `json:"splice,omitempty"`
 }
 
 // Refusal codes.

@@ -23,7 +23,12 @@ type Session struct {
 
 	ctl    net.Conn
 	sendMu sync.Mutex
+	comb   *combiner
 }
+
+// Spliced reports whether the session carries bulk transfers as spliced
+// frames (spliced.go).
+func (s *Session) Spliced() bool { return s.comb != nil && s.comb.splices != nil }
 
 // Send writes one control message. It is safe for concurrent use.
 func (s *Session) Send(m *Control) error {
@@ -59,6 +64,7 @@ func (s *Session) Close() error { return s.Mux.Close() }
 func ClientHandshake(conn net.Conn, h *Hello, set Settings) (*Session, *Welcome, error) {
 	set = set.WithDefaults()
 	set.prepareSocket(conn)
+	h.Splice = set.canSplice(conn)
 	_ = conn.SetDeadline(time.Now().Add(set.HelloTimeout))
 	var buf bytes.Buffer
 	buf.Write(Magic[:])
@@ -99,7 +105,8 @@ func ClientHandshake(conn net.Conn, h *Hello, set Settings) (*Session, *Welcome,
 		return nil, nil, fmt.Errorf("%w: bad answer to hello", ErrProtocol)
 	}
 	_ = conn.SetDeadline(time.Time{})
-	mux, err := yamux.Client(newCombiner(conn, set.WriteBuffer), set.yamux())
+	comb := set.newCombiner(conn, h.Splice && ans.Welcome.Splice)
+	mux, err := yamux.Client(comb, set.yamux())
 	if err != nil {
 		conn.Close()
 		return nil, nil, err
@@ -109,7 +116,7 @@ func ClientHandshake(conn net.Conn, h *Hello, set Settings) (*Session, *Welcome,
 		mux.Close()
 		return nil, nil, err
 	}
-	return &Session{Mux: mux, Version: ans.Welcome.Version, Settings: set, ctl: ctl}, ans.Welcome, nil
+	return &Session{Mux: mux, Version: ans.Welcome.Version, Settings: set, ctl: ctl, comb: comb}, ans.Welcome, nil
 }
 
 // ErrNoHello is ReadHello's error for a connection closed before its
@@ -152,14 +159,17 @@ func Refuse(conn net.Conn, r *Refusal) {
 
 // Accept answers a hello with w and starts the yamux server session; it
 // waits, within the hello deadline, for the agent's control stream.
+// w.Splice, set from the hello's, stays only if this side can splice too.
 func Accept(conn net.Conn, w *Welcome, set Settings) (*Session, error) {
 	set = set.WithDefaults()
+	w.Splice = w.Splice && set.canSplice(conn)
 	if err := WriteFrame(conn, &Answer{Welcome: w}); err != nil {
 		conn.Close()
 		return nil, fmt.Errorf("send welcome: %w", err)
 	}
 	_ = conn.SetDeadline(time.Time{})
-	mux, err := yamux.Server(newCombiner(conn, set.WriteBuffer), set.yamux())
+	comb := set.newCombiner(conn, w.Splice)
+	mux, err := yamux.Server(comb, set.yamux())
 	if err != nil {
 		conn.Close()
 		return nil, err
@@ -178,7 +188,7 @@ func Accept(conn net.Conn, w *Welcome, set Settings) (*Session, error) {
 			mux.Close()
 			return nil, fmt.Errorf("accept control stream: %w", r.err)
 		}
-		return &Session{Mux: mux, Version: w.Version, Settings: set, ctl: r.s}, nil
+		return &Session{Mux: mux, Version: w.Version, Settings: set, ctl: r.s, comb: comb}, nil
 	case <-t.C:
 		mux.Close() // unblocks the goroutine above
 		<-ch

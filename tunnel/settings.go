@@ -35,6 +35,10 @@ type Settings struct {
 	MaxStreams int `yaml:"max_streams"`
 	// HelloTimeout bounds the whole handshake. Default 10 s.
 	HelloTimeout time.Duration `yaml:"hello_timeout"`
+	// NoSplice turns off spliced frames (bulk transfers moved by
+	// splice(2) on a plain TCP tunnel; spec.md). Default false: used
+	// whenever both ends offer them.
+	NoSplice bool `yaml:"no_splice"`
 }
 
 // DefaultSettings returns the defaults.
@@ -92,6 +96,26 @@ func (s Settings) yamux() *yamux.Config {
 	c.LogOutput = nil
 	c.Logger = log.New(io.Discard, "", 0)
 	return c
+}
+
+// canSplice reports whether this side offers spliced frames on c: a plain
+// TCP socket (not TLS) and not turned off.
+func (s Settings) canSplice(c net.Conn) bool {
+	_, ok := c.(*net.TCPConn)
+	return ok && !s.NoSplice
+}
+
+// newCombiner wraps the tunnel connection for yamux; with splice, the
+// combiner also carries spliced frames.
+func (s Settings) newCombiner(c net.Conn, splice bool) *combiner {
+	w := newCombiner(c, s.WriteBuffer)
+	if splice {
+		if rc, err := c.(*net.TCPConn).SyscallConn(); err == nil {
+			w.rc = rc
+			w.splices = newSpliceTable(max(s.Window, 256<<10))
+		}
+	}
+	return w
 }
 
 // prepareSocket sets the liveness options on a tunnel socket.

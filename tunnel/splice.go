@@ -8,9 +8,11 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/hashicorp/yamux"
+	"golang.org/x/sys/unix"
 
 	"github.com/vpcreach/vpcreach/internal/netx"
 )
@@ -47,15 +49,37 @@ func Splice(user net.Conn, stream net.Conn, idle time.Duration) SpliceResult {
 // connection of a component.
 type Counters struct {
 	Up, Down atomic.Int64 // user->stream, stream->user
+	// Spliced counts stream directions this side sent as spliced frames.
+	Spliced atomic.Int64
 }
 
 // SpliceCounted is Splice that also adds the bytes to c (nil: none) as
 // each chunk passes, so long-lived connections show in the counters.
 func SpliceCounted(user net.Conn, stream net.Conn, idle time.Duration, c *Counters) SpliceResult {
+	return spliceWith(user, stream, idle, c, nil)
+}
+
+// Splice is SpliceCounted for a stream of this session: on a session that
+// splices (spliced.go) a bulk transfer between a TCP user connection and
+// the stream moves by splice(2), never through user space.
+func (s *Session) Splice(user net.Conn, stream net.Conn, idle time.Duration, c *Counters) SpliceResult {
+	return spliceWith(user, stream, idle, c, s.comb)
+}
+
+func spliceWith(user net.Conn, stream net.Conn, idle time.Duration, c *Counters, comb *combiner) SpliceResult {
 	sp := &splice{user: user, stream: stream, idle: netx.NewIdle(idle), counters: c,
 		done: make(chan struct{}), aborted: make(chan struct{})}
 	if ys, ok := stream.(*yamux.Stream); ok {
 		sp.ys = ys
+		if tc, ok := user.(*net.TCPConn); ok && comb != nil && comb.splices != nil {
+			if rc, err := tc.SyscallConn(); err == nil {
+				sp.ss = comb.splices.register(ys.StreamID(), comb)
+				sp.urc = rc
+			}
+		}
+	}
+	if sp.ss != nil {
+		defer sp.ss.release(comb.splices)
 	}
 	sp.watchIdle()
 	go sp.down()
@@ -82,6 +106,9 @@ type splice struct {
 	done         chan struct{} // closed when down() returns
 	nUp, nDown   int64
 	counters     *Counters
+	ss           *splicedStream  // nil: no spliced frames on this stream
+	urc          syscall.RawConn // the user socket, with ss
+	credit       uint32          // drained, not yet granted back (down loop)
 	once         sync.Once
 	aborted      chan struct{}
 	err          error // set once, before aborted is closed
@@ -94,6 +121,9 @@ func (sp *splice) abort(err error) {
 		sp.err = err
 		close(sp.aborted)
 		netx.Reset(sp.user)
+		if sp.ss != nil {
+			sp.ss.stop()
+		}
 		now := time.Now()
 		_ = sp.stream.SetReadDeadline(now)
 		_ = sp.stream.SetWriteDeadline(now)
@@ -191,9 +221,10 @@ func (sp *splice) up() {
 				sp.abort(fmt.Errorf("write to tunnel: %w", werr))
 				return
 			}
-			sp.nUp += int64(n)
-			if sp.counters != nil {
-				sp.counters.Up.Add(int64(n))
+			sp.count(n)
+			if err == nil && sp.ss != nil && n >= netx.BulkThreshold && sp.ss.canSend() {
+				sp.upSpliced()
+				return
 			}
 		} else if bp != nil {
 			netx.PutBuf(bp)
@@ -269,6 +300,13 @@ func (sp *splice) down() {
 		case n == frameAbort:
 			sp.abort(ErrAborted)
 			return
+		case n == frameSplice:
+			if sp.ss == nil {
+				sp.abort(fmt.Errorf("%w: spliced frames on a stream that takes none", ErrProtocol))
+				return
+			}
+			sp.downSpliced()
+			return
 		case n > MaxDataFrame:
 			sp.abort(fmt.Errorf("%w: data frame of %d bytes", ErrProtocol, n))
 			return
@@ -276,6 +314,10 @@ func (sp *splice) down() {
 		if err := sp.copyFrame(int(n)); err != nil {
 			sp.abort(err)
 			return
+		}
+		if sp.ss != nil && n >= netx.BulkThreshold && !sp.ss.granted0 {
+			// A bulk transfer comes in: let the peer splice it.
+			sp.ss.grant(sp.ss.window)
 		}
 	}
 }
@@ -297,10 +339,7 @@ func (sp *splice) copyFrame(n int) error {
 		if _, err := sp.user.Write(chunk); err != nil {
 			return fmt.Errorf("write to user: %w", err)
 		}
-		sp.nDown += int64(len(chunk))
-		if sp.counters != nil {
-			sp.counters.Down.Add(int64(len(chunk)))
-		}
+		sp.countDown(len(chunk))
 		n -= len(chunk)
 	}
 	// yamux keeps a stream's receive buffer (about twice its largest frame)
@@ -312,4 +351,173 @@ func (sp *splice) copyFrame(n int) error {
 		sp.ys.Shrink()
 	}
 	return nil
+}
+
+func (sp *splice) count(n int) {
+	sp.nUp += int64(n)
+	if sp.counters != nil {
+		sp.counters.Up.Add(int64(n))
+	}
+}
+
+func (sp *splice) countDown(n int) {
+	sp.nDown += int64(n)
+	if sp.counters != nil {
+		sp.counters.Down.Add(int64(n))
+	}
+}
+
+// upSpliced copies user -> stream as spliced frames, once the peer has
+// granted them: it tells the peer on the stream, then splices the user
+// socket into a pipe and the pipe into the tunnel, within the credit the
+// peer grants.
+func (sp *splice) upSpliced() {
+	ss := sp.ss
+	p, err := newPipe()
+	if err != nil {
+		sp.sendAbort(fmt.Errorf("spliced frames: %w", err))
+		return
+	}
+	ss.spipe = p
+	var mark [4]byte
+	binary.BigEndian.PutUint32(mark[:], frameSplice)
+	if _, err := sp.stream.Write(mark[:]); err != nil {
+		sp.abort(fmt.Errorf("write to tunnel: %w", err))
+		return
+	}
+	if sp.counters != nil {
+		sp.counters.Spliced.Add(1)
+	}
+	end := func(flags uint16) error {
+		return ss.c.queueFrameErr(spliceHeader(typeData, flagSplice|flags, ss.id, 0))
+	}
+	for {
+		credit := ss.waitCredit()
+		if credit == 0 {
+			sp.abort(sp.cause(net.ErrClosed))
+			return
+		}
+		n, err := sp.spliceUser(p.w, int(min(credit, MaxDataFrame)))
+		if n > 0 {
+			sp.idle.Touch()
+			if werr := ss.c.writeSpliced(spliceHeader(typeData, flagSplice, ss.id, uint32(n)), p.r, n); werr != nil {
+				sp.abort(fmt.Errorf("write to tunnel: %w", werr))
+				return
+			}
+			ss.spend(n)
+			sp.count(n)
+		}
+		switch {
+		case err == nil:
+		case err == io.EOF:
+			if werr := end(flagSpliceEOF); werr != nil {
+				sp.abort(fmt.Errorf("write to tunnel: %w", werr))
+			}
+			return
+		default:
+			if !sp.isAborted() {
+				_ = end(flagSpliceAbort)
+			}
+			sp.abort(sp.cause(err))
+			return
+		}
+	}
+}
+
+// spliceUser splices up to max bytes from the user socket into the
+// (empty) pipe w, waiting for data; io.EOF at the end.
+func (sp *splice) spliceUser(w int, max int) (int, error) {
+	var n int64
+	var serr error
+	err := sp.urc.Read(func(fd uintptr) bool {
+		for {
+			n, serr = unix.Splice(int(fd), nil, w, nil, max, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+			switch serr {
+			case syscall.EINTR:
+				continue
+			case syscall.EAGAIN:
+				return false
+			}
+			return true
+		}
+	})
+	switch {
+	case err != nil:
+		return 0, err
+	case serr != nil:
+		return 0, &net.OpError{Op: "splice", Net: "tcp", Err: serr}
+	case n == 0:
+		return 0, io.EOF
+	}
+	return int(n), nil
+}
+
+// downSpliced copies the spliced frames of the stream's receive queue to
+// the user, granting the peer credit as they drain.
+func (sp *splice) downSpliced() {
+	ss := sp.ss
+	for {
+		s, ended, ok := ss.take()
+		if !ok {
+			if ended {
+				sp.abort(fmt.Errorf("%w: stream ended without end marker", ErrAborted))
+			} else {
+				sp.abort(sp.cause(net.ErrClosed))
+			}
+			return
+		}
+		var m int
+		var err error
+		switch s.kind {
+		case segEOF:
+			ss.consumed(0)
+			netx.CloseWrite(sp.user)
+			return
+		case segAbort:
+			ss.consumed(0)
+			sp.abort(ErrAborted)
+			return
+		case segPipe:
+			m, err = sp.spliceToUser(ss.rpipe.r, s.n)
+		case segHeap:
+			m, err = sp.user.Write((*s.bp)[s.off : s.off+s.n])
+		}
+		if m > 0 {
+			sp.idle.Touch()
+			ss.consumed(m)
+			sp.countDown(m)
+			sp.credit += uint32(m)
+			if sp.credit >= ss.window/4 {
+				ss.grant(sp.credit)
+				sp.credit = 0
+			}
+		}
+		if err != nil {
+			sp.abort(fmt.Errorf("write to user: %w", sp.cause(err)))
+			return
+		}
+	}
+}
+
+// spliceToUser splices up to n bytes (all in the pipe) from pipe r to the
+// user socket, waiting for room.
+func (sp *splice) spliceToUser(r int, n int) (int, error) {
+	var m int64
+	var serr error
+	err := sp.urc.Write(func(fd uintptr) bool {
+		for {
+			m, serr = unix.Splice(r, nil, int(fd), nil, n, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+			switch serr {
+			case syscall.EINTR:
+				continue
+			case syscall.EAGAIN:
+				return false
+			}
+			return true
+		}
+	})
+	if err == nil && serr != nil {
+		err = &net.OpError{Op: "splice", Net: "tcp", Err: serr}
+	}
+	return int(m), err
 }

@@ -587,7 +587,7 @@ func (a *Agent) handleStream(s *session, st net.Conn) (run func()) {
 	return func() {
 		defer s.streams.Add(-1)
 		defer a.Stats.StreamsOpen.Add(-1)
-		res := tunnel.SpliceCounted(conn, st, a.conf().IdleTimeout, &a.Stats.Bytes)
+		res := s.ts.Splice(conn, st, a.conf().IdleTimeout, &a.Stats.Bytes)
 		if res.Aborted {
 			log.Debug("connection aborted", "err", res.Err, "up", res.Up, "down", res.Down)
 		}

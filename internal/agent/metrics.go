@@ -28,6 +28,7 @@ func (a *Agent) adminHandler() http.Handler {
 	admin.Counter(reg, "agent_streams_at_cap_total", "Streams refused at the per-session cap.", &st.StreamsAtCap, nil)
 	admin.Counter(reg, "agent_bytes_total", "Bytes carried, by direction.", &st.Bytes.Down, prometheus.Labels{"direction": "to_target"})
 	admin.Counter(reg, "agent_bytes_total", "Bytes carried, by direction.", &st.Bytes.Up, prometheus.Labels{"direction": "from_target"})
+	admin.Counter(reg, "agent_spliced_total", "Stream directions sent to the server as spliced frames (bulk, splice(2)).", &st.Bytes.Spliced, nil)
 	name, help := "agent_dial_failures_total", "Streams refused before data, by reason."
 	admin.Counter(reg, name, help, &st.DialRefused, prometheus.Labels{"reason": "refused"})
 	admin.CounterFunc(reg, name, help, func() float64 { return float64(st.DialFailures.Load() - st.DialRefused.Load()) },

@@ -71,6 +71,7 @@ func (s *Server) registerMetrics(reg prometheus.Registerer) {
 	admin.Counter(reg, "server_relay_refusals_total", "Relay preambles answered with an error status.", &st.RelayRefusals, nil)
 	admin.Counter(reg, "server_bytes_total", "Bytes carried, by direction.", &s.bytes.Up, prometheus.Labels{"direction": "to_target"})
 	admin.Counter(reg, "server_bytes_total", "Bytes carried, by direction.", &s.bytes.Down, prometheus.Labels{"direction": "from_target"})
+	admin.Counter(reg, "server_spliced_total", "Stream directions sent to agents as spliced frames (bulk, splice(2)).", &s.bytes.Spliced, nil)
 	s.refusals.Register(reg, "server_handshake_refusals_total", "Control connections refused, by reason.", "reason")
 	s.dialFailures.Register(reg, "server_dial_failures_total", "Streams the agent could not connect, by status.", "status")
 	admin.Gauge(reg, "server_routes", "Routes this member serves.", func() float64 {

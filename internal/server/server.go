@@ -46,6 +46,10 @@ func (s *Stats) Snapshot() map[string]int64 {
 	}
 }
 
+// Spliced returns how many stream directions this server sent as spliced
+// frames (tunnel: splice(2), no user-space copy).
+func (s *Server) Spliced() int64 { return s.bytes.Spliced.Load() }
+
 // Server is one proxy server member.
 type Server struct {
 	cfg   Config

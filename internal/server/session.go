@@ -153,7 +153,7 @@ func (s *Server) handleTunnel(conn net.Conn) {
 		token: token, cert: cert}
 	made, refused := s.claim(as, hello.Targets)
 	ts, err := tunnel.Accept(conn, &tunnel.Welcome{Version: version, ServerID: s.cfg.ServerID,
-		Routes: made, Refused: refused}, s.cfg.Tunnel)
+		Routes: made, Refused: refused, Splice: hello.Splice}, s.cfg.Tunnel)
 	if err != nil {
 		log.Warn("tunnel setup failed", "err", err)
 		s.dropSession(as)
@@ -521,7 +521,7 @@ func (s *Server) handleProxyConn(r *route, c net.Conn) {
 		return
 	}
 	defer s.endStream(r.sess)
-	tunnel.SpliceCounted(c, stream, s.cfg.IdleTimeout, &s.bytes)
+	r.sess.ts.Splice(c, stream, s.cfg.IdleTimeout, &s.bytes)
 }
 
 // relayPreambleTimeout bounds the read of a relay preamble.
@@ -608,7 +608,7 @@ func (s *Server) handleRelay(c net.Conn) {
 		return
 	}
 	if version == tunnel.RelayVersionRaw {
-		tunnel.SpliceCounted(c, stream, s.cfg.IdleTimeout, &s.bytes)
+		r.sess.ts.Splice(c, stream, s.cfg.IdleTimeout, &s.bytes)
 		return
 	}
 	// Framed on both sides: pass the frames through untouched (the bytes
