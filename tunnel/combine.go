@@ -424,25 +424,29 @@ func (w *combiner) sendSpliced(buf []byte, p int, n int) error {
 	err := w.rc.Write(func(fd uintptr) bool {
 		for len(buf) > 0 {
 			m, err := unix.SendmsgN(int(fd), buf, nil, nil, unix.MSG_MORE)
-			if err == syscall.EAGAIN {
+			switch err {
+			case nil:
+				buf = buf[m:]
+			case syscall.EINTR:
+			case syscall.EAGAIN:
 				return false
-			}
-			if err != nil && err != syscall.EINTR {
+			default:
 				serr = err
 				return true
 			}
-			buf = buf[m:]
 		}
 		for n > 0 {
 			m, err := unix.Splice(p, nil, int(fd), nil, n, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
-			if err == syscall.EAGAIN {
+			switch err {
+			case nil:
+				n -= int(m)
+			case syscall.EINTR:
+			case syscall.EAGAIN:
 				return false
-			}
-			if err != nil && err != syscall.EINTR {
+			default:
 				serr = err
 				return true
 			}
-			n -= int(m)
 		}
 		return true
 	})
