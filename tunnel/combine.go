@@ -382,6 +382,37 @@ func (w *combiner) queueFrameErr(p []byte) error {
 	return nil
 }
 
+// writeDirect writes the frame p (a spliced frame's header and body)
+// from the caller's goroutine when nothing is being written or queued
+// (no hand-off to the flusher: the latency of a small request), and when
+// it is large (inlineMin and up: uncopied, after what is queued); else it
+// queues a copy, which the flusher sends with whatever accumulates while
+// the current write is in the kernel.
+func (w *combiner) writeDirect(p []byte) error {
+	w.mu.Lock()
+	large := len(p) >= inlineMin
+	for w.err == nil && !w.closed && (w.wantBody || large && w.writing ||
+		!large && len(w.pending) > 0 && len(w.pending)+len(p) > w.max) {
+		w.cond.Wait()
+	}
+	if w.err != nil || w.closed {
+		err := w.err
+		w.mu.Unlock()
+		if err == nil {
+			err = net.ErrClosed
+		}
+		return err
+	}
+	if !w.writing && (len(w.pending) == 0 || large) {
+		_, err := w.writeInline(p)
+		return err
+	}
+	w.pending = append(w.pending, p...)
+	w.cond.Broadcast()
+	w.mu.Unlock()
+	return nil
+}
+
 // writeSpliced writes what is queued, then hdr, then n bytes from the
 // pipe p, with nothing in between; the pipe holds exactly n bytes.
 func (w *combiner) writeSpliced(hdr []byte, p int, n int) error {

@@ -62,13 +62,18 @@ type StreamHeader struct {
 	Generation uint64 // generation of the route the stream serves
 	Target     Target // only Network and Addr are sent
 	Client     string // the originating client address (version 2 and later)
+	// Spliced (kind 2, only on a session that negotiated spliced
+	// frames): all data of this stream, both ways, is spliced frames
+	// (spliced.go), not yamux data.
+	Spliced bool
 }
 
 // Header and preamble bounds: small, fixed-size fields only.
 const (
 	maxClientLen  = 64
 	MaxHeaderSize = 1 + 8 + 1 + MaxNetworkLen + 1 + 16 + 2 + 1 + maxClientLen
-	headerKind    = 1 // the only stream kind so far: connect
+	headerKind    = 1 // connect
+	headerSpliced = 2 // connect, data as spliced frames
 	preambleMagic = 'R'
 	// RelayVersion is the version byte of the relay preamble this side
 	// sends: 2, data framed after the status as on a tunnel stream, so a
@@ -81,7 +86,11 @@ const (
 
 // Append appends the encoding of h in protocol version v.
 func (h *StreamHeader) Append(b []byte, v int) []byte {
-	b = append(b, headerKind)
+	if h.Spliced {
+		b = append(b, headerSpliced)
+	} else {
+		b = append(b, headerKind)
+	}
 	b = binary.BigEndian.AppendUint64(b, h.Generation)
 	b = appendTarget(b, h.Target)
 	if v >= Version2 {
@@ -102,7 +111,11 @@ func ReadStreamHeader(r io.Reader, v int) (StreamHeader, error) {
 	if _, err := io.ReadFull(r, kind[:]); err != nil {
 		return h, err
 	}
-	if kind[0] != headerKind {
+	switch kind[0] {
+	case headerKind:
+	case headerSpliced:
+		h.Spliced = true
+	default:
 		return h, fmt.Errorf("%w: unknown stream kind %d", ErrProtocol, kind[0])
 	}
 	h.Generation = binary.BigEndian.Uint64(kind[1:])
@@ -132,7 +145,7 @@ type Preamble struct {
 // header body.
 func (p *Preamble) Append(b []byte) []byte {
 	b = append(b, preambleMagic, RelayVersion)
-	h := StreamHeader(*p)
+	h := StreamHeader{Generation: p.Generation, Target: p.Target, Client: p.Client}
 	return h.Append(b, Version2)
 }
 
@@ -153,7 +166,10 @@ func ReadRelayPreamble(r io.Reader) (Preamble, byte, error) {
 		return Preamble{}, 0, fmt.Errorf("%w: bad relay preamble %x", ErrProtocol, mv)
 	}
 	h, err := ReadStreamHeader(r, Version2)
-	return Preamble(h), mv[1], err
+	if err == nil && h.Spliced {
+		err = fmt.Errorf("%w: unknown stream kind %d", ErrProtocol, headerSpliced)
+	}
+	return Preamble{Generation: h.Generation, Target: h.Target, Client: h.Client}, mv[1], err
 }
 
 func appendTarget(b []byte, t Target) []byte {

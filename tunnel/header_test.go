@@ -82,7 +82,7 @@ func TestStreamHeaderNormalisation(t *testing.T) {
 
 func TestPreambleRoundTrip(t *testing.T) {
 	for _, h := range headerCases {
-		p := Preamble(h)
+		p := Preamble{Generation: h.Generation, Target: h.Target, Client: h.Client}
 		enc := p.Append(nil)
 		if enc[0] != 'R' || enc[1] != RelayVersion {
 			t.Fatalf("preamble starts %x", enc[:2])
@@ -112,7 +112,7 @@ func TestStreamHeaderErrors(t *testing.T) {
 		in   []byte
 	}{
 		{"unknown kind 0", mod(func(b []byte) []byte { b[0] = 0; return b })},
-		{"unknown kind 2", mod(func(b []byte) []byte { b[0] = 2; return b })},
+		{"unknown kind 3", mod(func(b []byte) []byte { b[0] = 3; return b })},
 		{"address length 0", mod(func(b []byte) []byte { b[10] = 0; return b })},
 		{"address length 6", mod(func(b []byte) []byte { b[10] = 6; return b })},
 		{"address length 255", mod(func(b []byte) []byte { b[10] = 255; return b })},
@@ -185,7 +185,7 @@ func TestTruncatedHeaders(t *testing.T) {
 				return err
 			}})
 		}
-		p := Preamble(h)
+		p := Preamble{Generation: h.Generation, Target: h.Target, Client: h.Client}
 		decs = append(decs, decoder{"preamble", p.Append(nil), func(r io.Reader) error {
 			_, err := ReadPreamble(r)
 			return err
@@ -232,5 +232,27 @@ func TestStatus(t *testing.T) {
 	}
 	if _, err := ReadStatus(bytes.NewReader(nil)); err != io.EOF {
 		t.Errorf("ReadStatus(empty) = %v", err)
+	}
+}
+
+// Kind 2 marks a spliced stream; it round-trips in a stream header and is
+// refused in a relay preamble, which has no spliced form.
+func TestSplicedHeaderKind(t *testing.T) {
+	h := StreamHeader{Generation: 9, Target: Target{Addr: netip.MustParseAddrPort("10.0.0.1:80")}, Client: "c", Spliced: true}
+	enc := h.Append(nil, Version3)
+	if enc[0] != headerSpliced {
+		t.Fatalf("kind %d, want %d", enc[0], headerSpliced)
+	}
+	got, err := ReadStreamHeader(bytes.NewReader(enc), Version3)
+	if err != nil || got != h {
+		t.Fatalf("round trip: %+v, %v; want %+v", got, err, h)
+	}
+	h.Spliced = false
+	if got, err := ReadStreamHeader(bytes.NewReader(h.Append(nil, Version3)), Version3); err != nil || got.Spliced {
+		t.Fatalf("kind 1 decoded as %+v, %v", got, err)
+	}
+	pre := append([]byte{preambleMagic, RelayVersion}, enc...)
+	if _, err := ReadPreamble(bytes.NewReader(pre)); !errors.Is(err, ErrProtocol) {
+		t.Fatalf("a preamble of kind 2: %v, want a protocol error", err)
 	}
 }

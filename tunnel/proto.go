@@ -88,9 +88,11 @@ type Hello struct {
 	SessionID  string   `json:"session_id"`
 	Generation uint64   `json:"generation"`
 	Targets    []Target `json:"targets"`
-	// Splice offers spliced frames (spec.md): the agent's end of the
-	// tunnel is a plain TCP socket. Older servers ignore it.
-	Splice bool `json:"splice,omitempty"`
+	// SpliceWindow offers spliced frames (spec.md) when not 0: the
+	// agent's end of the tunnel is a plain TCP socket, and this is the
+	// credit a spliced stream starts with towards the agent. Older
+	// servers ignore it.
+	SpliceWindow uint32 `json:"splice_window,omitempty"`
 
 	// Secret is the agent's token, never sent: ClientHandshake uses it to
 	// answer a challenge.
@@ -118,8 +120,9 @@ type Welcome struct {
 	ServerID string          `json:"server_id"`
 	Routes   []RouteInfo     `json:"routes"`
 	Refused  []TargetRefusal `json:"refused,omitempty"`
-	// Splice accepts the hello's offer of spliced frames.
-	Splice bool `json:"splice,omitempty"`
+	// SpliceWindow accepts the hello's offer of spliced frames when not
+	// 0: the credit a spliced stream starts with towards the server.
+	SpliceWindow uint32 `json:"splice_window,omitempty"`
 }
 
 // Refusal codes.

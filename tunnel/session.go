@@ -64,7 +64,10 @@ func (s *Session) Close() error { return s.Mux.Close() }
 func ClientHandshake(conn net.Conn, h *Hello, set Settings) (*Session, *Welcome, error) {
 	set = set.WithDefaults()
 	set.prepareSocket(conn)
-	h.Splice = set.canSplice(conn)
+	h.SpliceWindow = 0
+	if set.canSplice(conn) {
+		h.SpliceWindow = set.spliceWindow()
+	}
 	_ = conn.SetDeadline(time.Now().Add(set.HelloTimeout))
 	var buf bytes.Buffer
 	buf.Write(Magic[:])
@@ -105,7 +108,7 @@ func ClientHandshake(conn net.Conn, h *Hello, set Settings) (*Session, *Welcome,
 		return nil, nil, fmt.Errorf("%w: bad answer to hello", ErrProtocol)
 	}
 	_ = conn.SetDeadline(time.Time{})
-	comb := set.newCombiner(conn, h.Splice && ans.Welcome.Splice)
+	comb := set.newCombiner(conn, h.SpliceWindow, ans.Welcome.SpliceWindow)
 	mux, err := yamux.Client(comb, set.yamux())
 	if err != nil {
 		conn.Close()
@@ -159,16 +162,21 @@ func Refuse(conn net.Conn, r *Refusal) {
 
 // Accept answers a hello with w and starts the yamux server session; it
 // waits, within the hello deadline, for the agent's control stream.
-// w.Splice, set from the hello's, stays only if this side can splice too.
+// w.SpliceWindow, set from the hello's (the agent's window), is replaced
+// by this side's window if it splices too, else 0.
 func Accept(conn net.Conn, w *Welcome, set Settings) (*Session, error) {
 	set = set.WithDefaults()
-	w.Splice = w.Splice && set.canSplice(conn)
+	peer := w.SpliceWindow
+	w.SpliceWindow = 0
+	if peer != 0 && set.canSplice(conn) {
+		w.SpliceWindow = set.spliceWindow()
+	}
 	if err := WriteFrame(conn, &Answer{Welcome: w}); err != nil {
 		conn.Close()
 		return nil, fmt.Errorf("send welcome: %w", err)
 	}
 	_ = conn.SetDeadline(time.Time{})
-	comb := set.newCombiner(conn, w.Splice)
+	comb := set.newCombiner(conn, w.SpliceWindow, peer)
 	mux, err := yamux.Server(comb, set.yamux())
 	if err != nil {
 		conn.Close()

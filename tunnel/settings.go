@@ -105,14 +105,18 @@ func (s Settings) canSplice(c net.Conn) bool {
 	return ok && !s.NoSplice
 }
 
-// newCombiner wraps the tunnel connection for yamux; with splice, the
-// combiner also carries spliced frames.
-func (s Settings) newCombiner(c net.Conn, splice bool) *combiner {
+// spliceWindow is the credit a spliced stream grants its peer: the
+// stream window.
+func (s Settings) spliceWindow() uint32 { return max(s.Window, 256<<10) }
+
+// newCombiner wraps the tunnel connection for yamux; when both windows
+// are set (both ends splice), the combiner also carries spliced frames.
+func (s Settings) newCombiner(c net.Conn, own, peer uint32) *combiner {
 	w := newCombiner(c, s.WriteBuffer)
-	if splice {
+	if own != 0 && peer != 0 {
 		if rc, err := c.(*net.TCPConn).SyscallConn(); err == nil {
 			w.rc = rc
-			w.splices = newSpliceTable(max(s.Window, 256<<10))
+			w.splices = newSpliceTable(own, peer)
 		}
 	}
 	return w

@@ -49,7 +49,7 @@ func Splice(user net.Conn, stream net.Conn, idle time.Duration) SpliceResult {
 // connection of a component.
 type Counters struct {
 	Up, Down atomic.Int64 // user->stream, stream->user
-	// Spliced counts stream directions this side sent as spliced frames.
+	// Spliced counts streams carried as spliced frames (spliced.go).
 	Spliced atomic.Int64
 }
 
@@ -59,11 +59,36 @@ func SpliceCounted(user net.Conn, stream net.Conn, idle time.Duration, c *Counte
 	return spliceWith(user, stream, idle, c, nil)
 }
 
-// Splice is SpliceCounted for a stream of this session: on a session that
-// splices (spliced.go) a bulk transfer between a TCP user connection and
-// the stream moves by splice(2), never through user space.
+// Splice is SpliceCounted for a stream of this session. A stream prepared
+// for spliced frames (PrepareSpliced) carries its data as such both ways
+// (spliced.go); user must then be a *net.TCPConn.
 func (s *Session) Splice(user net.Conn, stream net.Conn, idle time.Duration, c *Counters) SpliceResult {
 	return spliceWith(user, stream, idle, c, s.comb)
+}
+
+// PrepareSpliced readies stream to carry spliced frames; it must run
+// before the peer can send on the stream: on the server before it writes
+// a stream header with Spliced set (and only when the user side is a
+// *net.TCPConn), on the agent before it answers such a header with
+// StatusOK. It reports false on a session without spliced frames. A
+// prepared stream that never reaches Splice must be forgotten
+// (ForgetSpliced).
+func (s *Session) PrepareSpliced(stream net.Conn) bool {
+	ys, ok := stream.(*yamux.Stream)
+	if !ok || !s.Spliced() {
+		return false
+	}
+	return s.comb.splices.register(ys.StreamID(), s.comb) != nil
+}
+
+// ForgetSpliced undoes PrepareSpliced for a stream that will not be
+// spliced (its status was not OK, or its user went away first).
+func (s *Session) ForgetSpliced(stream net.Conn) {
+	if ys, ok := stream.(*yamux.Stream); ok && s.Spliced() {
+		if ss := s.comb.splices.get(ys.StreamID()); ss != nil {
+			ss.release(s.comb.splices)
+		}
+	}
 }
 
 func spliceWith(user net.Conn, stream net.Conn, idle time.Duration, c *Counters, comb *combiner) SpliceResult {
@@ -71,15 +96,25 @@ func spliceWith(user net.Conn, stream net.Conn, idle time.Duration, c *Counters,
 		done: make(chan struct{}), aborted: make(chan struct{})}
 	if ys, ok := stream.(*yamux.Stream); ok {
 		sp.ys = ys
-		if tc, ok := user.(*net.TCPConn); ok && comb != nil && comb.splices != nil {
-			if rc, err := tc.SyscallConn(); err == nil {
-				sp.ss = comb.splices.register(ys.StreamID(), comb)
-				sp.urc = rc
-			}
+		if comb != nil && comb.splices != nil {
+			sp.ss = comb.splices.get(ys.StreamID())
 		}
 	}
 	if sp.ss != nil {
+		if c != nil {
+			c.Spliced.Add(1)
+		}
 		defer sp.ss.release(comb.splices)
+		tc, ok := user.(*net.TCPConn)
+		var err error
+		if ok {
+			sp.urc, err = tc.SyscallConn()
+		}
+		if !ok || err != nil { // a caller's mistake: PrepareSpliced is for TCP users
+			netx.Reset(user)
+			_ = stream.Close()
+			return SpliceResult{Aborted: true, Err: fmt.Errorf("%w: spliced stream with a %T user", ErrProtocol, user)}
+		}
 	}
 	sp.watchIdle()
 	go sp.down()
@@ -208,6 +243,10 @@ func (sp *splice) readFull(c net.Conn, b []byte) error {
 
 // up copies user -> stream. It is the only writer of the stream.
 func (sp *splice) up() {
+	if sp.ss != nil {
+		sp.upSpliced()
+		return
+	}
 	rd := netx.NewReadable(sp.user)
 	for {
 		bp, n, err := sp.readUser(rd)
@@ -222,10 +261,6 @@ func (sp *splice) up() {
 				return
 			}
 			sp.count(n)
-			if err == nil && sp.ss != nil && n >= netx.BulkThreshold && sp.ss.canSend() {
-				sp.upSpliced()
-				return
-			}
 		} else if bp != nil {
 			netx.PutBuf(bp)
 		}
@@ -283,6 +318,10 @@ func (sp *splice) sendAbort(cause error) {
 // down copies stream -> user.
 func (sp *splice) down() {
 	defer close(sp.done)
+	if sp.ss != nil {
+		sp.downSpliced()
+		return
+	}
 	var hdr [4]byte
 	for {
 		if err := sp.readFull(sp.stream, hdr[:]); err != nil {
@@ -300,13 +339,6 @@ func (sp *splice) down() {
 		case n == frameAbort:
 			sp.abort(ErrAborted)
 			return
-		case n == frameSplice:
-			if sp.ss == nil {
-				sp.abort(fmt.Errorf("%w: spliced frames on a stream that takes none", ErrProtocol))
-				return
-			}
-			sp.downSpliced()
-			return
 		case n > MaxDataFrame:
 			sp.abort(fmt.Errorf("%w: data frame of %d bytes", ErrProtocol, n))
 			return
@@ -314,10 +346,6 @@ func (sp *splice) down() {
 		if err := sp.copyFrame(int(n)); err != nil {
 			sp.abort(err)
 			return
-		}
-		if sp.ss != nil && n >= netx.BulkThreshold && !sp.ss.granted0 {
-			// A bulk transfer comes in: let the peer splice it.
-			sp.ss.grant(sp.ss.window)
 		}
 	}
 }
@@ -367,56 +395,62 @@ func (sp *splice) countDown(n int) {
 	}
 }
 
-// upSpliced copies user -> stream as spliced frames, once the peer has
-// granted them: it tells the peer on the stream, then splices the user
-// socket into a pipe and the pipe into the tunnel, within the credit the
-// peer grants.
+// upSpliced copies user -> stream as spliced frames within the credit
+// the peer grants: small reads as frames written from a pooled buffer,
+// and after a read of netx.BulkThreshold or more, spliced from the user
+// socket into a pipe and from the pipe into the tunnel, until a splice
+// moves less.
 func (sp *splice) upSpliced() {
 	ss := sp.ss
-	p, err := newPipe()
-	if err != nil {
-		sp.sendAbort(fmt.Errorf("spliced frames: %w", err))
-		return
-	}
-	ss.spipe = p
-	var mark [4]byte
-	binary.BigEndian.PutUint32(mark[:], frameSplice)
-	if _, err := sp.stream.Write(mark[:]); err != nil {
-		sp.abort(fmt.Errorf("write to tunnel: %w", err))
-		return
-	}
-	if sp.counters != nil {
-		sp.counters.Spliced.Add(1)
-	}
-	end := func(flags uint16) error {
-		return ss.c.queueFrameErr(spliceHeader(typeData, flagSplice|flags, ss.id, 0))
-	}
+	rd := netx.NewReadable(sp.user)
+	bulk := false
 	for {
-		credit := ss.waitCredit()
+		credit := int(min(ss.waitCredit(), MaxDataFrame))
 		if credit == 0 {
-			sp.abort(sp.cause(net.ErrClosed))
+			sp.abort(sp.cause(fmt.Errorf("%w: the peer ended the stream", ErrAborted)))
 			return
 		}
-		n, err := sp.spliceUser(p.w, int(min(credit, MaxDataFrame)))
+		var n int
+		var err, werr error
+		if bulk && !ss.spipe.ok() {
+			ss.spipe, _ = newPipe() // none left: stay on reads
+		}
+		if bulk && ss.spipe.ok() {
+			n, err = sp.spliceUser(ss.spipe.w, credit)
+			if n > 0 {
+				werr = ss.c.writeSpliced(spliceHeader(typeData, flagSplice, ss.id, uint32(n)), ss.spipe.r, n)
+			}
+		} else {
+			var bp *[]byte
+			bp, n, err = rd.ReadBufMax(yamuxHeaderSize, credit)
+			if n > 0 {
+				copy(*bp, spliceHeader(typeData, flagSplice, ss.id, uint32(n)))
+				werr = ss.c.writeDirect((*bp)[:yamuxHeaderSize+n])
+			}
+			if bp != nil {
+				netx.PutBuf(bp)
+			}
+		}
 		if n > 0 {
-			sp.idle.Touch()
-			if werr := ss.c.writeSpliced(spliceHeader(typeData, flagSplice, ss.id, uint32(n)), p.r, n); werr != nil {
+			if werr != nil {
 				sp.abort(fmt.Errorf("write to tunnel: %w", werr))
 				return
 			}
+			sp.idle.Touch()
 			ss.spend(n)
 			sp.count(n)
+			bulk = n >= netx.BulkThreshold
 		}
 		switch {
 		case err == nil:
 		case err == io.EOF:
-			if werr := end(flagSpliceEOF); werr != nil {
+			if werr := ss.c.queueFrameErr(spliceHeader(typeData, flagSplice|flagSpliceEOF, ss.id, 0)); werr != nil {
 				sp.abort(fmt.Errorf("write to tunnel: %w", werr))
 			}
 			return
 		default:
 			if !sp.isAborted() {
-				_ = end(flagSpliceAbort)
+				ss.c.queueFrame(spliceHeader(typeData, flagSplice|flagSpliceAbort, ss.id, 0))
 			}
 			sp.abort(sp.cause(err))
 			return

@@ -19,12 +19,19 @@ import (
 // into the tunnel behind a frame header; the receiver's reader (the
 // combiner, below yamux) splices the frame body from the tunnel into the
 // stream's pipe, and the stream's copy loop splices that pipe into the
-// user socket. yamux never sees these frames: they carry flagSplice, and
-// the combiner takes them out of what it hands to yamux. Flow control is
-// their own: the receiver grants a window of credit (a window update
-// frame with flagSplice) once its copy loop runs, and grants again as it
-// drains, so a slow user socket never blocks the tunnel's reader: what
-// the pipe cannot hold is read into pooled buffers, bounded by the window.
+// user socket. Small reads go out as frames written from the stream's own
+// goroutine (at once when the socket is idle, else queued for the
+// flusher) and come in through pooled buffers: no hand-off through
+// yamux's send and receive loops, which is most of a small request's
+// latency through yamux. yamux never sees these frames: they carry
+// flagSplice, and the combiner takes them out of what it hands to yamux.
+// A stream carries spliced frames when the server's stream header says so
+// (kind 2); both ends prepare the stream before the peer can send on it.
+// Flow control is their own: each end starts with the window the other
+// announced in the handshake and grants more (a window update frame with
+// flagSplice) as it drains, so a slow user socket never blocks the
+// tunnel's reader: what the pipe cannot hold is read into pooled buffers,
+// bounded by the window.
 const (
 	flagSplice      = 0x8000 // a spliced data frame or a credit (window update)
 	flagSpliceEOF   = 0x4000 // with flagSplice, length 0: the direction ended cleanly
@@ -33,10 +40,6 @@ const (
 	typeWindow      = 1
 	yamuxFlagFIN    = 0x4
 	yamuxFlagRST    = 0x8
-
-	// frameSplice, a data-frame length on the yamux stream, says that the
-	// rest of this direction comes as spliced frames.
-	frameSplice = 0xFFFFFFFD
 
 	// pipeSize is the capacity asked of each pipe (the default limit for
 	// unprivileged processes, fs.pipe-max-size).
@@ -81,20 +84,23 @@ func (p *pipe) close() {
 
 // spliceTable holds the streams of one session that take spliced frames.
 type spliceTable struct {
-	window uint32 // what this side grants a stream
+	window     uint32 // what this side grants a stream
+	peerWindow uint32 // what the peer grants a stream at its start
 
 	mu   sync.Mutex
 	m    map[uint32]*splicedStream
 	dead bool // the session's reader has failed: no more registrations
 }
 
-func newSpliceTable(window uint32) *spliceTable {
-	return &spliceTable{window: window, m: map[uint32]*splicedStream{}}
+func newSpliceTable(window, peerWindow uint32) *spliceTable {
+	return &spliceTable{window: window, peerWindow: peerWindow, m: map[uint32]*splicedStream{}}
 }
 
-// register adds the stream id; nil if the session is gone.
+// register adds the stream id, with the credit both ways of a new
+// stream; nil if the session is gone.
 func (t *spliceTable) register(id uint32, c *combiner) *splicedStream {
-	ss := &splicedStream{id: id, c: c, window: t.window, spipe: pipe{-1, -1}, rpipe: pipe{-1, -1}}
+	ss := &splicedStream{id: id, c: c, window: t.window, spipe: pipe{-1, -1}, rpipe: pipe{-1, -1},
+		credit: int64(t.peerWindow), rwin: int64(t.window)}
 	ss.scond.L = &ss.smu
 	ss.rcond.L = &ss.rmu
 	t.mu.Lock()
@@ -157,47 +163,39 @@ type splicedStream struct {
 	c      *combiner
 	window uint32
 
-	smu     sync.Mutex
-	scond   sync.Cond
-	credit  int64 // bytes the peer lets us send
-	granted bool  // the peer takes spliced frames on this stream
-	sstop   bool
-	spipe   pipe // owned by the up loop
+	smu    sync.Mutex
+	scond  sync.Cond
+	credit int64 // bytes the peer lets us send
+	sstop  bool
+	sdead  bool // the peer ended the stream: no credit comes any more
+	spipe  pipe // owned by the up loop
 
-	rmu     sync.Mutex
-	rcond   sync.Cond
-	rpipe   pipe // created by the reader at the first spliced frame
-	segs    []segment
-	rwin    int64 // bytes the peer may still send (granted, not received)
-	ended   bool  // the peer's stream ended (FIN, RST, session failure)
-	rstop   bool  // the local splice is over: drop what arrives
-	granted0 bool // the first grant was sent
+	rmu   sync.Mutex
+	rcond sync.Cond
+	rpipe pipe // created by the reader at the first large spliced body
+	segs  []segment
+	rwin  int64 // bytes the peer may still send (granted, not received)
+	ended bool  // the peer's stream ended (FIN, RST, session failure)
+	rstop bool  // the local splice is over: drop what arrives
 }
 
 // grantCredit adds delta to what this side may send (the peer's grant).
 func (ss *splicedStream) grantCredit(delta uint32) {
 	ss.smu.Lock()
 	ss.credit += int64(delta)
-	ss.granted = true
 	ss.scond.Broadcast()
 	ss.smu.Unlock()
 }
 
-// canSend reports whether the peer granted spliced frames.
-func (ss *splicedStream) canSend() bool {
-	ss.smu.Lock()
-	defer ss.smu.Unlock()
-	return ss.granted && !ss.sstop
-}
-
-// waitCredit blocks until some credit is there; 0 once stopped.
+// waitCredit blocks until some credit is there; 0 once stopped, or once
+// the peer ended the stream and the credit is spent.
 func (ss *splicedStream) waitCredit() int64 {
 	ss.smu.Lock()
 	defer ss.smu.Unlock()
-	for ss.credit <= 0 && !ss.sstop {
+	for ss.credit <= 0 && !ss.sstop && !ss.sdead {
 		ss.scond.Wait()
 	}
-	if ss.sstop {
+	if ss.sstop || ss.credit <= 0 {
 		return 0
 	}
 	return ss.credit
@@ -214,7 +212,6 @@ func (ss *splicedStream) spend(n int) {
 func (ss *splicedStream) grant(delta uint32) {
 	ss.rmu.Lock()
 	ss.rwin += int64(delta)
-	ss.granted0 = true
 	ss.rmu.Unlock()
 	ss.c.queueFrame(spliceHeader(typeWindow, flagSplice, ss.id, delta))
 }
@@ -231,7 +228,14 @@ func (ss *splicedStream) stop() {
 	ss.rmu.Unlock()
 }
 
+// peerEnded records that the peer's end of the stream is gone (FIN, RST
+// or a failed session): the receive queue ends after what it holds, and
+// a sender waiting for credit gives up.
 func (ss *splicedStream) peerEnded() {
+	ss.smu.Lock()
+	ss.sdead = true
+	ss.scond.Broadcast()
+	ss.smu.Unlock()
 	ss.rmu.Lock()
 	ss.ended = true
 	ss.rcond.Broadcast()
@@ -273,20 +277,13 @@ func (ss *splicedStream) pushMarker(kind int) {
 	ss.rmu.Unlock()
 }
 
-// pushBytes queues p (body bytes the reader had already read): into the
-// pipe as far as it takes them, the rest into a pooled buffer.
+// pushBytes queues p (body bytes the reader had already read) in pooled
+// buffers.
 func (ss *splicedStream) pushBytes(p []byte) {
 	ss.rmu.Lock()
 	defer ss.rmu.Unlock()
 	if ss.rstop {
 		return
-	}
-	ss.ensurePipe()
-	if ss.rpipe.ok() {
-		if m, err := unix.Write(ss.rpipe.w, p); err == nil && m > 0 {
-			ss.push(segment{kind: segPipe, n: m})
-			p = p[m:]
-		}
 	}
 	for len(p) > 0 {
 		bp := netx.GetBufFor(len(p) > netx.BufSize)
@@ -347,8 +344,9 @@ func (ss *splicedStream) consumed(m int) {
 var errPipeFull = errors.New("pipe full")
 
 // recvBody moves n body bytes of a spliced frame from the tunnel socket
-// fd: into the stream's pipe, or into pooled buffers when the pipe is
-// full, or nowhere (a stream that is not or no longer registered). It
+// fd: into the stream's pipe (a large body), or into pooled buffers (a
+// small one, or when the pipe is full), or nowhere (a stream that is not
+// or no longer registered). It
 // runs on the session's reader (yamux's receive goroutine) and never
 // blocks on the user side. Called from a RawConn.Read callback: it
 // returns false when the socket has nothing yet.
@@ -364,8 +362,10 @@ func (ss *splicedStream) recvBody(fd int, n int, scratch []byte) (moved int, err
 		m, err := unix.Read(fd, scratch[:n])
 		return readResult(m, err)
 	}
-	ss.ensurePipe()
-	if ss.rpipe.ok() {
+	if n >= inlineMin {
+		ss.ensurePipe()
+	}
+	if n >= inlineMin && ss.rpipe.ok() {
 		m, err := unix.Splice(fd, nil, ss.rpipe.w, nil, n, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
 		switch {
 		case err == nil && m > 0:

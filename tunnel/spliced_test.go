@@ -46,10 +46,10 @@ func locked[T any](mu *sync.Mutex, f func() T) T {
 func demuxPair(t testing.TB, ln *net.TCPListener) (*combiner, *net.TCPConn) {
 	t.Helper()
 	a, b := tcpPairOn(t, ln)
-	c := DefaultSettings().newCombiner(a, true)
+	c := DefaultSettings().newCombiner(a, 1, 1)
 	t.Cleanup(func() { c.Close() })
 	if c.splices == nil || c.rc == nil {
-		t.Fatal("newCombiner(tcp, true) does not take spliced frames")
+		t.Fatal("newCombiner(tcp, 1, 1) does not take spliced frames")
 	}
 	return c, b
 }
@@ -63,6 +63,7 @@ func registered(t testing.TB, c *combiner, id, win uint32) *splicedStream {
 		t.Fatal("register: the table is dead")
 	}
 	t.Cleanup(func() { ss.release(c.splices) })
+	ss.credit, ss.rwin = 0, 0 // from nothing: each test grants what it needs
 	if win > 0 {
 		ss.grant(win)
 	}

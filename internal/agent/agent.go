@@ -576,7 +576,14 @@ func (a *Agent) handleStream(s *session, st net.Conn) (run func()) {
 		return nil
 	}
 	netx.KeepAlive(conn, 30*time.Second, 10*time.Second, 3)
+	if hdr.Spliced && !s.ts.PrepareSpliced(st) {
+		conn.Close()
+		a.log.Warn("spliced stream on a session without spliced frames; refused", "session", s.id)
+		refuse(tunnel.StatusBadHeader)
+		return nil
+	}
 	if _, err := st.Write([]byte{byte(tunnel.StatusOK)}); err != nil {
+		s.ts.ForgetSpliced(st)
 		conn.Close()
 		st.Close()
 		return nil

@@ -165,6 +165,12 @@ func (r *Readable) Wait() error {
 // the caller owns bp and returns it with PutBuf; n == 0 with a nil error
 // never happens (EOF is io.EOF). A nil waiter is an error.
 func (r *Readable) ReadBuf(off int) (bp *[]byte, n int, err error) {
+	return r.ReadBufMax(off, 0)
+}
+
+// ReadBufMax is ReadBuf reading at most max bytes (0: no limit) into the
+// buffer at offset off.
+func (r *Readable) ReadBufMax(off, max int) (bp *[]byte, n int, err error) {
 	if r == nil {
 		return nil, 0, errors.New("netx: no raw socket")
 	}
@@ -173,7 +179,10 @@ func (r *Readable) ReadBuf(off int) (bp *[]byte, n int, err error) {
 		if bp == nil {
 			bp = GetBufFor(r.bulk)
 		}
-		buf := (*bp)[off : off+len(*bp)-4]
+		buf := (*bp)[off : len(*bp)-4+min(off, 4)]
+		if max > 0 && len(buf) > max {
+			buf = buf[:max]
+		}
 		m, _, e := syscall.Syscall(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf)))
 		switch e {
 		case syscall.EAGAIN:

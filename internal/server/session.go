@@ -153,7 +153,7 @@ func (s *Server) handleTunnel(conn net.Conn) {
 		token: token, cert: cert}
 	made, refused := s.claim(as, hello.Targets)
 	ts, err := tunnel.Accept(conn, &tunnel.Welcome{Version: version, ServerID: s.cfg.ServerID,
-		Routes: made, Refused: refused, Splice: hello.Splice}, s.cfg.Tunnel)
+		Routes: made, Refused: refused, SpliceWindow: hello.SpliceWindow}, s.cfg.Tunnel)
 	if err != nil {
 		log.Warn("tunnel setup failed", "err", err)
 		s.dropSession(as)
@@ -470,28 +470,32 @@ func (s *Server) openStream(as *agentSession, hdr *tunnel.StreamHeader) (net.Con
 			"limit", s.cfg.Tunnel.MaxStreams)
 		return nil, tunnel.StatusBusy
 	}
+	var stream net.Conn
 	fail := func(st tunnel.Status) (net.Conn, tunnel.Status) {
+		if stream != nil {
+			as.ts.ForgetSpliced(stream)
+			stream.Close()
+		}
 		as.streams.Add(-1)
 		s.dialFailures.Inc(st.String())
 		return nil, st
 	}
-	stream, err := as.ts.Mux.OpenStream()
+	ys, err := as.ts.Mux.OpenStream()
 	if err != nil {
 		return fail(tunnel.StatusUnreachable)
 	}
+	stream = ys
+	hdr.Spliced = hdr.Spliced && as.ts.PrepareSpliced(stream)
 	if _, err := stream.Write(hdr.Append(make([]byte, 0, tunnel.MaxHeaderSize), as.ts.Version)); err != nil {
-		stream.Close()
 		return fail(tunnel.StatusUnreachable)
 	}
 	_ = stream.SetReadDeadline(time.Now().Add(s.cfg.StatusTimeout))
 	st, err := tunnel.ReadStatus(stream)
 	_ = stream.SetReadDeadline(time.Time{})
 	if err != nil {
-		stream.Close()
 		return fail(tunnel.StatusUnreachable)
 	}
 	if st != tunnel.StatusOK {
-		stream.Close()
 		return fail(st)
 	}
 	s.Stats.StreamsOpened.Add(1)
@@ -513,8 +517,9 @@ func (s *Server) handleProxyConn(r *route, c net.Conn) {
 	s.conns.Add(1)
 	defer s.conns.Done()
 	netx.KeepAlive(c, 30*time.Second, 10*time.Second, 3)
+	_, tcp := c.(*net.TCPConn) // spliced frames need the socket
 	stream, st := s.openStream(r.sess, &tunnel.StreamHeader{Generation: r.sess.gen, Target: r.target,
-		Client: c.RemoteAddr().String()})
+		Client: c.RemoteAddr().String(), Spliced: tcp})
 	if st != tunnel.StatusOK {
 		s.log.Debug("proxy connection failed", "target", r.key.String(), "status", st.String())
 		netx.Reset(c)
@@ -596,13 +601,18 @@ func (s *Server) handleRelay(c net.Conn) {
 		return
 	}
 	netx.KeepAlive(c, 30*time.Second, 10*time.Second, 3)
-	stream, st := s.openStream(r.sess, &tunnel.StreamHeader{Generation: r.sess.gen, Target: r.target, Client: p.Client})
+	// A raw relay (version 1) is spliced like a proxy port; a framed one
+	// passes the front end's frames through as yamux data.
+	_, tcp := c.(*net.TCPConn)
+	stream, st := s.openStream(r.sess, &tunnel.StreamHeader{Generation: r.sess.gen, Target: r.target, Client: p.Client,
+		Spliced: tcp && version == tunnel.RelayVersionRaw})
 	if st != tunnel.StatusOK {
 		answer(st, "relay: agent could not connect", "target", key.String())
 		return
 	}
 	defer s.endStream(r.sess)
 	if _, err := c.Write([]byte{byte(tunnel.StatusOK)}); err != nil {
+		r.sess.ts.ForgetSpliced(stream)
 		stream.Close()
 		c.Close()
 		return
