@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"net"
+	"runtime"
 	"sync"
 	"syscall"
 	"time"
@@ -44,8 +45,13 @@ type combiner struct {
 	wantBody bool // the last write was a data header: the next is its body
 	hold     bool // pending ends with a data header whose body is not queued
 	writing  bool // a write syscall is in progress (flusher or inline)
-	bufs     net.Buffers
-	done     chan struct{}
+	// contended counts small spliced frames that found a write in
+	// progress, less yields that gathered nothing (0 to maxContended):
+	// while positive, an idle frame yields first to gather others
+	// (writeYielding).
+	contended int
+	bufs      net.Buffers
+	done      chan struct{}
 
 	// Read side, used only by yamux's receive goroutine.
 	rbuf       []byte
@@ -232,6 +238,9 @@ func newCombiner(c net.Conn, max int) *combiner {
 	return w
 }
 
+// maxContended caps combiner.contended.
+const maxContended = 8
+
 // inlineMin is the smallest data frame body written inline (see combiner).
 const inlineMin = 16 << 10
 
@@ -403,14 +412,58 @@ func (w *combiner) writeDirect(p []byte) error {
 		}
 		return err
 	}
-	if !w.writing && (len(w.pending) == 0 || large) {
+	switch {
+	case large && !w.writing:
 		_, err := w.writeInline(p)
 		return err
+	case !w.writing && len(w.pending) == 0 && w.contended > 0:
+		return w.writeYielding(p)
+	case !w.writing && len(w.pending) == 0:
+		_, err := w.writeInline(p)
+		return err
+	}
+	if w.writing && w.contended < maxContended { // another's write is in progress
+		w.contended++
 	}
 	w.pending = append(w.pending, p...)
 	w.cond.Broadcast()
 	w.mu.Unlock()
 	return nil
+}
+
+// writeYielding writes the small frame p from the caller, with whatever
+// other goroutines queue while it yields the processor once first: when
+// others are ready to run (many connections at once), their frames share
+// this write. It is used only while frames keep finding a write in
+// progress (contended); yields that gather nothing wind that down, so a
+// lone connection writes at once. Called with mu held, nothing queued and no
+// write in progress; returns with mu released.
+func (w *combiner) writeYielding(p []byte) error {
+	w.pending = append(w.pending, p...)
+	w.writing = true
+	w.mu.Unlock()
+	runtime.Gosched()
+	w.mu.Lock()
+	buf := w.pending
+	w.pending, w.spare = w.spare[:0], nil
+	w.hold = false          // a yamux data header may end buf: its body follows
+	if len(buf) == len(p) { // gathered nothing
+		w.contended--
+	}
+	w.mu.Unlock()
+
+	_, err := w.Conn.Write(buf)
+
+	w.mu.Lock()
+	w.writing = false
+	w.recycle(buf)
+	if err != nil && w.err == nil {
+		w.err = err
+	}
+	err = w.err
+	w.cond.Broadcast()
+	w.mu.Unlock()
+	return err
 }
 
 // writeSpliced writes what is queued, then hdr, then n bytes from the

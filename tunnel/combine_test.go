@@ -554,3 +554,61 @@ func TestCombinerMixedFramesInOrder(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A small spliced frame is written from its caller at once when nothing
+// is in progress; one that finds a write in progress is queued (the caller
+// does not wait) and counts as contention, after which an idle frame
+// yields once to gather others, until yields gather nothing.
+func TestCombinerDirectFrames(t *testing.T) {
+	a, b := tcpPair(t)
+	gc := &gateConn{Conn: a, entered: make(chan struct{}), release: make(chan struct{})}
+	w := newCombiner(gc, 64<<10)
+	defer w.Close()
+	frame := func(i int) []byte {
+		return append(spliceHeader(typeData, flagSplice, uint32(i), 5), fmt.Sprintf("msg%02d", i)...)
+	}
+	first := make(chan error, 1)
+	go func() { first <- w.writeDirect(frame(1)) }() // inline, held in the socket
+	select {
+	case <-gc.entered:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the first frame was not written from its caller")
+	}
+	var want []byte
+	for i := 2; i <= 4; i++ {
+		if err := w.writeDirect(frame(i)); err != nil { // queued: returns although the socket is held
+			t.Fatal(err)
+		}
+		want = append(want, frame(i)...)
+	}
+	w.mu.Lock()
+	contended := w.contended
+	w.mu.Unlock()
+	if contended != 3 {
+		t.Fatalf("contended = %d after three frames found a write in progress, want 3", contended)
+	}
+	close(gc.release)
+	if err := <-first; err != nil {
+		t.Fatal(err)
+	}
+	got := readN(t, b, len(frame(1))+len(want), 5*time.Second)
+	if !bytes.Equal(got, append(frame(1), want...)) {
+		t.Fatal("frames corrupted or reordered")
+	}
+	// Idle again: each lone frame yields, gathers nothing and winds the
+	// count down; then frames go out at once without yielding.
+	for i := 5; i <= 9; i++ {
+		if err := w.writeDirect(frame(i)); err != nil {
+			t.Fatal(err)
+		}
+		if got := readN(t, b, len(frame(i)), 5*time.Second); !bytes.Equal(got, frame(i)) {
+			t.Fatalf("frame %d: got %q", i, got)
+		}
+	}
+	w.mu.Lock()
+	contended = w.contended
+	w.mu.Unlock()
+	if contended != 0 {
+		t.Fatalf("contended = %d after lone frames, want 0", contended)
+	}
+}
