@@ -115,6 +115,7 @@ func spliceWith(user net.Conn, stream net.Conn, idle time.Duration, c *Counters,
 			_ = stream.Close()
 			return SpliceResult{Aborted: true, Err: fmt.Errorf("%w: spliced stream with a %T user", ErrProtocol, user)}
 		}
+		sp.ss.attach(sp.deliverUser, sp.idle, c)
 	}
 	sp.watchIdle()
 	go sp.down()
@@ -122,6 +123,11 @@ func spliceWith(user net.Conn, stream net.Conn, idle time.Duration, c *Counters,
 	<-sp.done
 	sp.stopWatch()
 	res := SpliceResult{Up: sp.nUp, Down: sp.nDown}
+	if sp.ss != nil {
+		sp.ss.rmu.Lock()
+		res.Down += sp.ss.delivered
+		sp.ss.rmu.Unlock()
+	}
 	select {
 	case <-sp.aborted:
 		res.Aborted, res.Err = true, sp.err
@@ -143,7 +149,6 @@ type splice struct {
 	counters     *Counters
 	ss           *splicedStream  // nil: no spliced frames on this stream
 	urc          syscall.RawConn // the user socket, with ss
-	credit       uint32          // drained, not yet granted back (down loop)
 	once         sync.Once
 	aborted      chan struct{}
 	err          error // set once, before aborted is closed
@@ -518,12 +523,9 @@ func (sp *splice) downSpliced() {
 		}
 		if m > 0 {
 			sp.idle.Touch()
-			ss.consumed(m)
 			sp.countDown(m)
-			sp.credit += uint32(m)
-			if sp.credit >= ss.window/4 {
-				ss.grant(sp.credit)
-				sp.credit = 0
+			if grant := ss.consumed(m); grant > 0 {
+				ss.grant(grant)
 			}
 		}
 		if err != nil {
@@ -531,6 +533,25 @@ func (sp *splice) downSpliced() {
 			return
 		}
 	}
+}
+
+// deliverUser writes p to the user socket without waiting for room, for
+// the session's reader (pushBytes), and returns what the socket took.
+func (sp *splice) deliverUser(p []byte) int {
+	var m int
+	_ = sp.urc.Write(func(fd uintptr) bool {
+		for {
+			n, err := unix.Write(int(fd), p)
+			if err == syscall.EINTR {
+				continue
+			}
+			if err == nil {
+				m = n
+			}
+			return true
+		}
+	})
+	return m
 }
 
 // spliceToUser splices up to n bytes (all in the pipe) from pipe r to the

@@ -170,13 +170,39 @@ type splicedStream struct {
 	sdead  bool // the peer ended the stream: no credit comes any more
 	spipe  pipe // owned by the up loop
 
-	rmu   sync.Mutex
-	rcond sync.Cond
-	rpipe pipe // created by the reader at the first large spliced body
-	segs  []segment
-	rwin  int64 // bytes the peer may still send (granted, not received)
-	ended bool  // the peer's stream ended (FIN, RST, session failure)
-	rstop bool  // the local splice is over: drop what arrives
+	rmu     sync.Mutex
+	rcond   sync.Cond
+	rpipe   pipe // created by the reader at the first large spliced body
+	segs    []segment
+	rwin    int64  // bytes the peer may still send (granted, not received)
+	drained uint32 // bytes gone to the user, not yet granted back
+	ended   bool   // the peer's stream ended (FIN, RST, session failure)
+	rstop   bool   // the local splice is over: drop what arrives
+	// The splice's user side, once it runs (attach): the reader writes
+	// a small body straight to the user when nothing is queued before it.
+	deliver   func(p []byte) int // a non-blocking write; bytes written
+	idle      *netx.Idle
+	counters  *Counters
+	delivered int64 // bytes the reader wrote to the user
+}
+
+// attach gives the reader the splice's user side.
+func (ss *splicedStream) attach(deliver func([]byte) int, idle *netx.Idle, c *Counters) {
+	ss.rmu.Lock()
+	ss.deliver, ss.idle, ss.counters = deliver, idle, c
+	ss.rmu.Unlock()
+}
+
+// drain records m bytes gone to the user and returns the credit to grant
+// back now (0: not yet, a quarter window at a time). Called with rmu held.
+func (ss *splicedStream) drain(m int) uint32 {
+	ss.drained += uint32(m)
+	if ss.drained < ss.window/4 {
+		return 0
+	}
+	d := ss.drained
+	ss.drained = 0
+	return d
 }
 
 // grantCredit adds delta to what this side may send (the peer's grant).
@@ -277,14 +303,37 @@ func (ss *splicedStream) pushMarker(kind int) {
 	ss.rmu.Unlock()
 }
 
-// pushBytes queues p (body bytes the reader had already read) in pooled
-// buffers.
+// pushBytes passes p (body bytes the reader had already read) to the
+// user: written straight to the user socket when nothing is queued before
+// it and the socket takes it (no hand-off to the splice's goroutine: the
+// latency of a small request), else queued in pooled buffers.
 func (ss *splicedStream) pushBytes(p []byte) {
 	ss.rmu.Lock()
-	defer ss.rmu.Unlock()
 	if ss.rstop {
+		ss.rmu.Unlock()
 		return
 	}
+	var grant uint32
+	if len(ss.segs) == 0 && ss.deliver != nil {
+		if m := ss.deliver(p); m > 0 {
+			p = p[m:]
+			ss.delivered += int64(m)
+			ss.idle.Touch()
+			if ss.counters != nil {
+				ss.counters.Down.Add(int64(m))
+			}
+			grant = ss.drain(m)
+		}
+	}
+	ss.queueBytes(p)
+	ss.rmu.Unlock()
+	if grant > 0 {
+		ss.grant(grant)
+	}
+}
+
+// queueBytes queues p in pooled buffers. Called with rmu held.
+func (ss *splicedStream) queueBytes(p []byte) {
 	for len(p) > 0 {
 		bp := netx.GetBufFor(len(p) > netx.BufSize)
 		m := copy(*bp, p)
@@ -318,12 +367,16 @@ func (ss *splicedStream) take() (s segment, ended, ok bool) {
 	return ss.segs[0], false, true
 }
 
-// consumed records that m bytes of the head segment left for the user.
-func (ss *splicedStream) consumed(m int) {
+// consumed records that m bytes of the head segment left for the user,
+// and returns the credit to grant back now.
+func (ss *splicedStream) consumed(m int) (grant uint32) {
 	ss.rmu.Lock()
 	defer ss.rmu.Unlock()
 	if len(ss.segs) == 0 {
-		return
+		return 0
+	}
+	if m > 0 {
+		grant = ss.drain(m)
 	}
 	h := &ss.segs[0]
 	h.n -= m
@@ -338,6 +391,7 @@ func (ss *splicedStream) consumed(m int) {
 			ss.segs = nil
 		}
 	}
+	return grant
 }
 
 // errPipeFull is spliceIn's signal that the pipe holds all it can.

@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vpcreach/vpcreach/internal/netx"
 )
 
 // fr is a yamux-shaped frame: its header and body (the length is the body's).
@@ -485,4 +487,39 @@ func FuzzSplicedDemux(f *testing.F) {
 			t.Fatal("register succeeded after the read error")
 		}
 	})
+}
+
+// With the splice's user side attached, the reader writes a small body
+// straight to the user when nothing is queued before it (and counts it as
+// drained); what the user socket does not take, and anything behind
+// queued bytes, is queued, in order.
+func TestSplicedDirectDelivery(t *testing.T) {
+	c, _ := demuxPair(t, listen(t))
+	ss := registered(t, c, 5, 1<<20)
+	var user []byte
+	room := 1 << 30
+	deliver := func(p []byte) int { // a user socket taking room bytes
+		m := min(len(p), room)
+		user = append(user, p[:m]...)
+		room -= m
+		return m
+	}
+	var cnt Counters
+	ss.attach(deliver, netx.NewIdle(0), &cnt)
+	ss.pushBytes([]byte("one;"))
+	if string(user) != "one;" || locked(&ss.rmu, func() int { return len(ss.segs) }) != 0 {
+		t.Fatalf("user got %q, %d segments queued; want the body delivered, nothing queued", user, len(ss.segs))
+	}
+	room = 3 // the user socket takes part of the next body
+	ss.pushBytes([]byte("two;"))
+	ss.pushBytes([]byte("three;")) // behind the queued rest: queued too
+	if string(user) != "one;two" {
+		t.Fatalf("user got %q, want %q", user, "one;two")
+	}
+	if q := drainQueue(t, ss); string(q.data) != ";three;" {
+		t.Fatalf("queued %q, want %q", q.data, ";three;")
+	}
+	if got := locked(&ss.rmu, func() int64 { return ss.delivered }); got != 7 || cnt.Down.Load() != 7 {
+		t.Fatalf("delivered %d, counted %d; want 7", got, cnt.Down.Load())
+	}
 }
