@@ -57,12 +57,34 @@ type combiner struct {
 	rbuf       []byte
 	rpos, rlen int
 
+	waiting int // writers (not the flusher) blocked in wait
+
 	// Spliced frames (spliced.go); splices is nil when the session does
 	// not use them.
 	splices *spliceTable
 	rc      syscall.RawConn
 	pass    int  // bytes of the current yamux frame still to hand to yamux
 	hdrOnly bool // after a large spliced body, read the next header alone
+}
+
+// wait blocks a writer on cond; writes that end wake it (wakeAfterWrite).
+// Called with mu held.
+func (w *combiner) wait() {
+	w.waiting++
+	w.cond.Wait()
+	w.waiting--
+}
+
+// wakeAfterWrite wakes whoever waits once a write from a caller
+// (inline, yielding, spliced) is done: the flusher when something was
+// queued meanwhile or the connection failed or is closing, writers waiting
+// for the socket. With nobody to wake it wakes nobody, so a lone
+// connection's writes do not wake the idle flusher each time. Called with
+// mu held.
+func (w *combiner) wakeAfterWrite() {
+	if len(w.pending) > 0 || w.waiting > 0 || w.err != nil || w.closed {
+		w.cond.Broadcast()
+	}
 }
 
 // readBufSize is the read-ahead of the tunnel socket. yamux reads through
@@ -257,7 +279,7 @@ func (w *combiner) Write(p []byte) (int, error) {
 		// A large body: written with what is queued (its header last)
 		// in one writev once no write is in progress, never copied.
 		for w.err == nil && !w.closed && w.writing {
-			w.cond.Wait()
+			w.wait()
 		}
 		if w.err == nil && !w.closed {
 			return w.writeInline(p)
@@ -270,7 +292,7 @@ func (w *combiner) Write(p []byte) (int, error) {
 			w.hold = false
 			w.cond.Broadcast()
 		}
-		w.cond.Wait()
+		w.wait()
 	}
 	if w.err != nil || w.closed {
 		err := w.err
@@ -318,7 +340,7 @@ func (w *combiner) writeInline(p []byte) (int, error) {
 		w.err = err
 	}
 	err = w.err
-	w.cond.Broadcast() // the flusher, if anything was queued meanwhile
+	w.wakeAfterWrite()
 	w.mu.Unlock()
 	if err != nil {
 		return 0, err
@@ -378,7 +400,7 @@ func (w *combiner) queueFrameErr(p []byte) error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	for w.err == nil && !w.closed && w.wantBody {
-		w.cond.Wait()
+		w.wait()
 	}
 	switch {
 	case w.err != nil:
@@ -402,7 +424,7 @@ func (w *combiner) writeDirect(p []byte) error {
 	large := len(p) >= inlineMin
 	for w.err == nil && !w.closed && (w.wantBody || large && w.writing ||
 		!large && len(w.pending) > 0 && len(w.pending)+len(p) > w.max) {
-		w.cond.Wait()
+		w.wait()
 	}
 	if w.err != nil || w.closed {
 		err := w.err
@@ -461,7 +483,7 @@ func (w *combiner) writeYielding(p []byte) error {
 		w.err = err
 	}
 	err = w.err
-	w.cond.Broadcast()
+	w.wakeAfterWrite()
 	w.mu.Unlock()
 	return err
 }
@@ -471,7 +493,7 @@ func (w *combiner) writeYielding(p []byte) error {
 func (w *combiner) writeSpliced(hdr []byte, p int, n int) error {
 	w.mu.Lock()
 	for w.err == nil && !w.closed && (w.writing || w.wantBody) {
-		w.cond.Wait()
+		w.wait()
 	}
 	if w.err != nil || w.closed {
 		err := w.err
@@ -496,7 +518,7 @@ func (w *combiner) writeSpliced(hdr []byte, p int, n int) error {
 		w.err = err
 	}
 	err = w.err
-	w.cond.Broadcast()
+	w.wakeAfterWrite()
 	w.mu.Unlock()
 	return err
 }
