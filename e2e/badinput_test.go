@@ -91,7 +91,7 @@ func TestControlBadInput(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			before := len(logs.String())
-			c := dialControl(t, srv.ControlAddr().String())
+			c := dialTCP(t, srv.ControlAddr().String())
 			_, _ = c.Write(tc.send)
 			if tc.close {
 				c.(*net.TCPConn).CloseWrite()

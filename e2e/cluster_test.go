@@ -194,7 +194,7 @@ func TestProxyProtocolFromBalancer(t *testing.T) {
 	}
 
 	refusals := s.Stats.Refusals.Load()
-	hc := dialControl(t, s.ControlAddr().String())
+	hc := dialTCP(t, s.ControlAddr().String())
 	if _, err := hc.Write(proxyproto.AppendLocal(nil)); err != nil {
 		t.Fatal(err)
 	}
@@ -203,7 +203,7 @@ func TestProxyProtocolFromBalancer(t *testing.T) {
 		t.Fatalf("a LOCAL health check counted as a refusal (%d -> %d)", refusals, got)
 	}
 
-	bad := dialControl(t, s.ControlAddr().String())
+	bad := dialTCP(t, s.ControlAddr().String())
 	if _, err := bad.Write(append([]byte(tunnel.Magic[:]), 0, 0, 0, 2, '{', '}')); err != nil {
 		t.Fatal(err)
 	}

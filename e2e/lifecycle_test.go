@@ -108,7 +108,7 @@ func TestOldProtocolVersionAgent(t *testing.T) {
 	}
 	echoOnce(t, c, "old agent")
 
-	conn := dialControl(t, srv.ControlAddr().String())
+	conn := dialTCP(t, srv.ControlAddr().String())
 	h := hello(testToken, echo)
 	h.MinVersion, h.MaxVersion = tunnel.Version1, tunnel.Version1
 	_, _, err := tunnel.ClientHandshake(conn, h, tunnel.Settings{})

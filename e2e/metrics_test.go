@@ -95,7 +95,7 @@ func TestMetricsMoveWithTraffic(t *testing.T) {
 	echoOnce(t, sc, "via socks")
 	sc.Close()
 	// A refused handshake and a stream to a target that refuses.
-	bad := dialControl(t, srv.ControlAddr().String())
+	bad := dialTCP(t, srv.ControlAddr().String())
 	ts, _, err := tunnel.ClientHandshake(bad, hello("wrong-token-0123456789", "127.0.0.1:9"), tunnel.Settings{})
 	if err == nil {
 		ts.Close()

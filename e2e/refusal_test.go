@@ -31,7 +31,7 @@ func TestWrongTokenRefused(t *testing.T) {
 	reg := registry.NewMemory(nil)
 	logs := &testutil.LogBuffer{}
 	srv := startServer(t, reg, logger(logs))
-	conn := dialControl(t, srv.ControlAddr().String())
+	conn := dialTCP(t, srv.ControlAddr().String())
 	_, _, err := tunnel.ClientHandshake(conn, hello("wrong-token-wrong-token", echo), tunnel.Settings{})
 	r, ok := tunnel.IsRefusal(err)
 	if !ok || r.Code != tunnel.RefuseAuth {
@@ -48,7 +48,7 @@ func TestWrongTokenRefused(t *testing.T) {
 	}
 
 	// The server closes the connection after the refusal.
-	raw := dialControl(t, srv.ControlAddr().String())
+	raw := dialTCP(t, srv.ControlAddr().String())
 	_, _ = raw.Write(tunnel.Magic[:])
 	_ = tunnel.WriteFrame(raw, hello("wrong-token-wrong-token", echo))
 	_ = raw.SetReadDeadline(time.Now().Add(5 * time.Second))
@@ -66,7 +66,7 @@ func TestSecondHelloIsProtocolError(t *testing.T) {
 	reg := registry.NewMemory(nil)
 	logs := &testutil.LogBuffer{}
 	srv := startServer(t, reg, logger(logs))
-	conn := dialControl(t, srv.ControlAddr().String())
+	conn := dialTCP(t, srv.ControlAddr().String())
 	sess, w, err := tunnel.ClientHandshake(conn, hello(testToken, echo), tunnel.Settings{})
 	if err != nil {
 		t.Fatal(err)
@@ -203,8 +203,8 @@ func dialRelay(route registry.Route) (net.Conn, tunnel.Status, error) {
 	return c, st, errors.Join(err)
 }
 
-// dialControl connects to a control listener; closed at cleanup.
-func dialControl(t *testing.T, addr string) net.Conn {
+// dialTCP connects to addr (a control listener, a proxy port); closed at cleanup.
+func dialTCP(t *testing.T, addr string) net.Conn {
 	t.Helper()
 	c, err := net.Dial("tcp", addr)
 	if err != nil {

@@ -90,7 +90,7 @@ func TestIdentityCannotTakeOverAnother(t *testing.T) {
 	c.Close()
 	// An unknown agent id, or a known one with another's token: refused.
 	for _, tc := range []struct{ id, tok string }{{"agent-c", tokenA}, {"agent-a", tokenB}} {
-		conn := dialControl(t, srv.ControlAddr().String())
+		conn := dialTCP(t, srv.ControlAddr().String())
 		h := hello("", echo)
 		h.AgentID, h.MinVersion, h.MaxVersion, h.Auth, h.Secret = tc.id, tunnel.Version3, tunnel.Version3, tunnel.AuthHMAC, tc.tok
 		if _, _, err := tunnel.ClientHandshake(conn, h, tunnel.Settings{}); !isRefusal(err, tunnel.RefuseAuth) {
@@ -191,7 +191,7 @@ func TestHelloReplayRefused(t *testing.T) {
 	if bytes.Contains(captured, []byte(testToken)) {
 		t.Fatal("the token travelled in the captured handshake")
 	}
-	conn := dialControl(t, srv.ControlAddr().String())
+	conn := dialTCP(t, srv.ControlAddr().String())
 	if _, err := conn.Write(captured); err != nil {
 		t.Fatal(err)
 	}

@@ -44,16 +44,6 @@ func splicedSetup(t *testing.T, target string, sopt serverOpt, aopt agentOpt) (*
 	return srv, a, waitRoute(t, reg, target, "").Proxy.String()
 }
 
-func dialProxy(t *testing.T, addr string) net.Conn {
-	t.Helper()
-	c, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return c
-}
-
 // 64 MiB each way through one connection, then 16 connections of 4 MiB
 // each way at once: every byte arrives, in order, and both directions
 // went spliced on both ends. Pipes and goroutines return to the baseline.
@@ -66,7 +56,7 @@ func TestSplicedIntegrity(t *testing.T) {
 	_, _, proxy2 := splicedSetup(t, small2, nil, nil)
 	baseG, baseFD := runtime.NumGoroutine(), openFDs(t)
 
-	c := dialProxy(t, proxy)
+	c := dialTCP(t, proxy)
 	_ = c.SetDeadline(time.Now().Add(60 * time.Second)) // lost bytes fail, not hang
 	down, err := transfer(c, 22, size)
 	if err != nil {
@@ -133,7 +123,7 @@ func TestSplicedHalfClose(t *testing.T) {
 		_, _ = io.CopyN(c, newRand(31), reply)
 	})
 	srv, a, proxy := splicedSetup(t, ln.Addr().String(), nil, nil)
-	c := dialProxy(t, proxy)
+	c := dialTCP(t, proxy)
 	_ = c.SetDeadline(time.Now().Add(30 * time.Second))
 	if _, err := io.CopyN(c, newRand(32), up); err != nil {
 		t.Fatal(err)
@@ -172,7 +162,7 @@ func TestSplicedAbort(t *testing.T) {
 			c.Close()
 		})
 		_, a, proxy := splicedSetup(t, ln.Addr().String(), nil, nil)
-		c := dialProxy(t, proxy)
+		c := dialTCP(t, proxy)
 		_ = c.SetDeadline(time.Now().Add(30 * time.Second))
 		if _, err := io.CopyN(io.Discard, c, size); err != nil {
 			t.Fatal(err)
@@ -202,7 +192,7 @@ func TestSplicedAbort(t *testing.T) {
 			result <- err
 		})
 		srv, _, proxy := splicedSetup(t, ln.Addr().String(), nil, nil)
-		c := dialProxy(t, proxy)
+		c := dialTCP(t, proxy)
 		if _, err := io.CopyN(c, newRand(42), size); err != nil {
 			t.Fatal(err)
 		}
@@ -252,7 +242,7 @@ func TestSplicedSlowReaderDoesNotBlockTunnel(t *testing.T) {
 		return a.Stats.Bytes.Spliced.Load() > 0 && a.Stats.Bytes.Up.Load() >= 4<<20
 	})
 	// The slow client reads nothing; another connection is served.
-	other := dialProxy(t, proxy)
+	other := dialTCP(t, proxy)
 	_ = other.SetDeadline(time.Now().Add(5 * time.Second))
 	if _, err := io.CopyN(io.Discard, other, 1<<20); err != nil {
 		t.Fatalf("a second connection on the tunnel is stuck behind the slow one: %v", err)
@@ -306,7 +296,7 @@ func TestSplicedOff(t *testing.T) {
 			got := make(chan [32]byte, 1)
 			target := shaTarget(t, size, 61, got)
 			srv, a, proxy := splicedSetup(t, target, tc.sopt, tc.aopt)
-			c := dialProxy(t, proxy)
+			c := dialTCP(t, proxy)
 			_ = c.SetDeadline(time.Now().Add(60 * time.Second))
 			down, err := transfer(c, 62, size)
 			if err != nil {

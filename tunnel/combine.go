@@ -75,6 +75,33 @@ func (w *combiner) wait() {
 	w.waiting--
 }
 
+// dead returns the connection's error, net.ErrClosed once closed, or
+// nil. Called with mu held.
+func (w *combiner) dead() error {
+	switch {
+	case w.err != nil:
+		return w.err
+	case w.closed:
+		return net.ErrClosed
+	}
+	return nil
+}
+
+// endWrite ends a write from a caller of buf (from the queue): the
+// buffer is recycled, an error is kept for good, waiters are woken. It
+// returns the connection's error.
+func (w *combiner) endWrite(buf []byte, err error) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.writing = false
+	w.recycle(buf)
+	if err != nil && w.err == nil {
+		w.err = err
+	}
+	w.wakeAfterWrite()
+	return w.err
+}
+
 // wakeAfterWrite wakes whoever waits once a write from a caller
 // (inline, yielding, spliced) is done: the flusher when something was
 // queued meanwhile or the connection failed or is closing, writers waiting
@@ -294,12 +321,8 @@ func (w *combiner) Write(p []byte) (int, error) {
 		}
 		w.wait()
 	}
-	if w.err != nil || w.closed {
-		err := w.err
+	if err := w.dead(); err != nil {
 		w.mu.Unlock()
-		if err == nil {
-			err = net.ErrClosed
-		}
 		return 0, err
 	}
 	w.pending = append(w.pending, p...)
@@ -332,17 +355,7 @@ func (w *combiner) writeInline(p []byte) (int, error) {
 	w.mu.Unlock()
 
 	_, err := bufs.WriteTo(w.Conn)
-
-	w.mu.Lock()
-	w.writing = false
-	w.recycle(buf)
-	if err != nil && w.err == nil {
-		w.err = err
-	}
-	err = w.err
-	w.wakeAfterWrite()
-	w.mu.Unlock()
-	if err != nil {
+	if err = w.endWrite(buf, err); err != nil {
 		return 0, err
 	}
 	return len(p), nil
@@ -402,11 +415,8 @@ func (w *combiner) queueFrameErr(p []byte) error {
 	for w.err == nil && !w.closed && w.wantBody {
 		w.wait()
 	}
-	switch {
-	case w.err != nil:
-		return w.err
-	case w.closed:
-		return net.ErrClosed
+	if err := w.dead(); err != nil {
+		return err
 	}
 	w.pending = append(w.pending, p...)
 	w.cond.Broadcast()
@@ -426,12 +436,8 @@ func (w *combiner) writeDirect(p []byte) error {
 		!large && len(w.pending) > 0 && len(w.pending)+len(p) > w.max) {
 		w.wait()
 	}
-	if w.err != nil || w.closed {
-		err := w.err
+	if err := w.dead(); err != nil {
 		w.mu.Unlock()
-		if err == nil {
-			err = net.ErrClosed
-		}
 		return err
 	}
 	switch {
@@ -475,17 +481,7 @@ func (w *combiner) writeYielding(p []byte) error {
 	w.mu.Unlock()
 
 	_, err := w.Conn.Write(buf)
-
-	w.mu.Lock()
-	w.writing = false
-	w.recycle(buf)
-	if err != nil && w.err == nil {
-		w.err = err
-	}
-	err = w.err
-	w.wakeAfterWrite()
-	w.mu.Unlock()
-	return err
+	return w.endWrite(buf, err)
 }
 
 // writeSpliced writes what is queued, then hdr, then n bytes from the
@@ -495,12 +491,8 @@ func (w *combiner) writeSpliced(hdr []byte, p int, n int) error {
 	for w.err == nil && !w.closed && (w.writing || w.wantBody) {
 		w.wait()
 	}
-	if w.err != nil || w.closed {
-		err := w.err
+	if err := w.dead(); err != nil {
 		w.mu.Unlock()
-		if err == nil {
-			err = net.ErrClosed
-		}
 		return err
 	}
 	buf := append(w.pending, hdr...)
@@ -509,18 +501,7 @@ func (w *combiner) writeSpliced(hdr []byte, p int, n int) error {
 	w.writing = true
 	w.mu.Unlock()
 
-	err := w.sendSpliced(buf, p, n)
-
-	w.mu.Lock()
-	w.writing = false
-	w.recycle(buf)
-	if err != nil && w.err == nil {
-		w.err = err
-	}
-	err = w.err
-	w.wakeAfterWrite()
-	w.mu.Unlock()
-	return err
+	return w.endWrite(buf, w.sendSpliced(buf, p, n))
 }
 
 // sendSpliced writes buf (MSG_MORE: the body follows) and splices n bytes
@@ -542,17 +523,15 @@ func (w *combiner) sendSpliced(buf []byte, p int, n int) error {
 			}
 		}
 		for n > 0 {
-			m, err := unix.Splice(p, nil, int(fd), nil, n, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
-			switch err {
-			case nil:
-				n -= int(m)
-			case syscall.EINTR:
-			case syscall.EAGAIN:
+			m, err, done := spliceNB(p, int(fd), n)
+			switch {
+			case !done:
 				return false
-			default:
+			case err != nil:
 				serr = err
 				return true
 			}
+			n -= int(m)
 		}
 		return true
 	})

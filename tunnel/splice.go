@@ -469,16 +469,9 @@ func (sp *splice) spliceUser(w int, max int) (int, error) {
 	var n int64
 	var serr error
 	err := sp.urc.Read(func(fd uintptr) bool {
-		for {
-			n, serr = unix.Splice(int(fd), nil, w, nil, max, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
-			switch serr {
-			case syscall.EINTR:
-				continue
-			case syscall.EAGAIN:
-				return false
-			}
-			return true
-		}
+		var done bool
+		n, serr, done = spliceNB(int(fd), w, max)
+		return done
 	})
 	switch {
 	case err != nil:
@@ -535,6 +528,22 @@ func (sp *splice) downSpliced() {
 	}
 }
 
+// spliceNB is one non-blocking splice(2) of up to n bytes from in to out
+// for a RawConn callback: done is false when it would block (EAGAIN: the
+// callback waits and retries); EINTR is retried at once.
+func spliceNB(in, out, n int) (m int64, err error, done bool) {
+	for {
+		m, err = unix.Splice(in, nil, out, nil, n, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+		switch err {
+		case syscall.EINTR:
+			continue
+		case syscall.EAGAIN:
+			return 0, nil, false
+		}
+		return m, err, true
+	}
+}
+
 // deliverUser writes p to the user socket without waiting for room, for
 // the session's reader (pushBytes), and returns what the socket took.
 func (sp *splice) deliverUser(p []byte) int {
@@ -560,16 +569,9 @@ func (sp *splice) spliceToUser(r int, n int) (int, error) {
 	var m int64
 	var serr error
 	err := sp.urc.Write(func(fd uintptr) bool {
-		for {
-			m, serr = unix.Splice(r, nil, int(fd), nil, n, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
-			switch serr {
-			case syscall.EINTR:
-				continue
-			case syscall.EAGAIN:
-				return false
-			}
-			return true
-		}
+		var done bool
+		m, serr, done = spliceNB(r, int(fd), n)
+		return done
 	})
 	if err == nil && serr != nil {
 		err = &net.OpError{Op: "splice", Net: "tcp", Err: serr}

@@ -243,27 +243,22 @@ func (ss *splicedStream) grant(delta uint32) {
 }
 
 // stop wakes both loops for good (an abort, or the end of the splice).
-func (ss *splicedStream) stop() {
-	ss.smu.Lock()
-	ss.sstop = true
-	ss.scond.Broadcast()
-	ss.smu.Unlock()
-	ss.rmu.Lock()
-	ss.rstop = true
-	ss.rcond.Broadcast()
-	ss.rmu.Unlock()
-}
+func (ss *splicedStream) stop() { ss.set(&ss.sstop, &ss.rstop) }
 
 // peerEnded records that the peer's end of the stream is gone (FIN, RST
 // or a failed session): the receive queue ends after what it holds, and
 // a sender waiting for credit gives up.
-func (ss *splicedStream) peerEnded() {
+func (ss *splicedStream) peerEnded() { ss.set(&ss.sdead, &ss.ended) }
+
+// set sets a flag of the send side and one of the receive side, each
+// under its lock, and wakes both loops.
+func (ss *splicedStream) set(send, recv *bool) {
 	ss.smu.Lock()
-	ss.sdead = true
+	*send = true
 	ss.scond.Broadcast()
 	ss.smu.Unlock()
 	ss.rmu.Lock()
-	ss.ended = true
+	*recv = true
 	ss.rcond.Broadcast()
 	ss.rmu.Unlock()
 }
