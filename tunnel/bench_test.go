@@ -17,10 +17,24 @@ import (
 //
 //	go test -run '^$' -bench 'SpliceBulk|SpliceRoundTrip' -count 10 ./tunnel/ > m.txt
 //	benchstat -col /metrics m.txt
+//
+// The spliced variants carry the stream as spliced frames (spliced.go),
+// as proxy ports do on a plain TCP tunnel; the others as yamux data, as
+// TLS tunnels and socks5d's framed relay do.
 func BenchmarkSpliceBulk(b *testing.B) {
 	for _, m := range []string{"off", "on"} {
-		b.Run("metrics="+m, func(b *testing.B) { benchSpliceBulk(b, counters(m)) })
+		b.Run("metrics="+m, func(b *testing.B) { benchSpliceBulk(b, counters(m), false) })
 	}
+	b.Run("spliced", func(b *testing.B) { benchSpliceBulk(b, &Counters{}, true) })
+}
+
+// benchPair is the splice pair of a benchmark: spliced frames or yamux.
+func benchPair(b *testing.B, c *Counters, spliced bool) *spliced {
+	agent, server := sessionPair(b, DefaultSettings())
+	if spliced {
+		return splicedPair(b, listen(b), agent, server, c)
+	}
+	return splicePairCounted(b, listen(b), agent, server, 0, c)
 }
 
 func counters(m string) *Counters {
@@ -30,10 +44,8 @@ func counters(m string) *Counters {
 	return nil
 }
 
-func benchSpliceBulk(b *testing.B, c *Counters) {
-	agent, server := sessionPair(b, DefaultSettings())
-	ln := listen(b)
-	sp := splicePairCounted(b, ln, agent, server, 0, c)
+func benchSpliceBulk(b *testing.B, c *Counters, spliced bool) {
+	sp := benchPair(b, c, spliced)
 	buf := make([]byte, 256<<10)
 	b.SetBytes(int64(len(buf)))
 	done := make(chan int64)
@@ -62,14 +74,13 @@ func benchSpliceBulk(b *testing.B, c *Counters) {
 // the tunnel: the latency path of a GET.
 func BenchmarkSpliceRoundTrip(b *testing.B) {
 	for _, m := range []string{"off", "on"} {
-		b.Run("metrics="+m, func(b *testing.B) { benchSpliceRoundTrip(b, counters(m)) })
+		b.Run("metrics="+m, func(b *testing.B) { benchSpliceRoundTrip(b, counters(m), false) })
 	}
+	b.Run("spliced", func(b *testing.B) { benchSpliceRoundTrip(b, &Counters{}, true) })
 }
 
-func benchSpliceRoundTrip(b *testing.B, c *Counters) {
-	agent, server := sessionPair(b, DefaultSettings())
-	ln := listen(b)
-	sp := splicePairCounted(b, ln, agent, server, 0, c)
+func benchSpliceRoundTrip(b *testing.B, c *Counters, spliced bool) {
+	sp := benchPair(b, c, spliced)
 	go func() { // the far end echoes
 		buf := make([]byte, 64)
 		for {

@@ -38,7 +38,7 @@ func serveOne(conn net.Conn, set Settings, routes []RouteInfo) <-chan serverResu
 			ch <- serverResult{hello: h, err: err}
 			return
 		}
-		s, err := Accept(conn, &Welcome{Version: v, ServerID: "srv-1", Routes: routes}, set)
+		s, err := Accept(conn, &Welcome{Version: v, ServerID: "srv-1", Routes: routes, SpliceWindow: h.SpliceWindow}, set)
 		ch <- serverResult{s, h, err}
 	}()
 	return ch

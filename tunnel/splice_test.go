@@ -67,6 +67,22 @@ func splicePairCounted(t testing.TB, ln *net.TCPListener, agent, server *Session
 	return sp
 }
 
+// splicedPair is splicePairCounted for a stream that both ends prepared
+// for spliced frames (the sessions must splice: plain TCP).
+func splicedPair(t testing.TB, ln *net.TCPListener, agent, server *Session, c *Counters) *spliced {
+	t.Helper()
+	srvStream, agStream := openStream(t, agent, server)
+	if !server.PrepareSpliced(srvStream) || !agent.PrepareSpliced(agStream) {
+		t.Fatal("the sessions do not take spliced frames")
+	}
+	near, nearUser := tcpPairOn(t, ln)
+	farUser, far := tcpPairOn(t, ln)
+	sp := &spliced{near: near, far: far, nearRes: make(chan SpliceResult, 1), farRes: make(chan SpliceResult, 1)}
+	go func() { sp.nearRes <- server.Splice(nearUser, srvStream, 0, c) }()
+	go func() { sp.farRes <- agent.Splice(farUser, agStream, 0, c) }()
+	return sp
+}
+
 // results waits for both Splice calls to return.
 func (sp *spliced) results(t testing.TB, d time.Duration) (near, far SpliceResult) {
 	t.Helper()
