@@ -2,7 +2,6 @@ package tunnel
 
 import (
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"sync"
 	"syscall"
@@ -389,9 +388,6 @@ func (ss *splicedStream) consumed(m int) (grant uint32) {
 	return grant
 }
 
-// errPipeFull is spliceIn's signal that the pipe holds all it can.
-var errPipeFull = errors.New("pipe full")
-
 // recvBody moves n body bytes of a spliced frame from the tunnel socket
 // fd: into the stream's pipe (a large body), or into pooled buffers (a
 // small one, or when the pipe is full), or nowhere (a stream that is not
@@ -408,21 +404,20 @@ func (ss *splicedStream) recvBody(fd int, n int, scratch []byte) (moved int, err
 		if n > len(scratch) {
 			n = len(scratch)
 		}
-		m, err := unix.Read(fd, scratch[:n])
-		return readResult(m, err)
+		return readResult(readNB(fd, scratch[:n]))
 	}
 	if n >= inlineMin {
 		ss.ensurePipe()
 	}
 	if n >= inlineMin && ss.rpipe.ok() {
-		m, err := unix.Splice(fd, nil, ss.rpipe.w, nil, n, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+		m, err, done := spliceNB(fd, ss.rpipe.w, n)
 		switch {
-		case err == nil && m > 0:
+		case done && err == nil && m > 0:
 			ss.push(segment{kind: segPipe, n: int(m)})
 			return int(m), nil, true
-		case err == nil:
+		case done && err == nil:
 			return 0, errEOFTunnel, true
-		case err != syscall.EAGAIN && err != syscall.EINTR:
+		case done:
 			return 0, err, true
 		}
 		if !readable(fd) { // the socket is empty, not the pipe full
@@ -433,8 +428,7 @@ func (ss *splicedStream) recvBody(fd int, n int, scratch []byte) (moved int, err
 	if n > len(*bp) {
 		n = len(*bp)
 	}
-	m, rerr := unix.Read(fd, (*bp)[:n])
-	moved, err, done = readResult(m, rerr)
+	moved, err, done = readResult(readNB(fd, (*bp)[:n]))
 	if moved > 0 {
 		ss.push(segment{kind: segHeap, n: moved, bp: bp})
 	} else {
@@ -445,9 +439,21 @@ func (ss *splicedStream) recvBody(fd int, n int, scratch []byte) (moved int, err
 
 var errEOFTunnel = fmt.Errorf("%w: tunnel ended inside a spliced frame", ErrProtocol)
 
+// readNB is one non-blocking read(2), EINTR retried.
+func readNB(fd int, b []byte) (int, error) {
+	for {
+		m, err := unix.Read(fd, b)
+		if err != syscall.EINTR {
+			return m, err
+		}
+	}
+}
+
+// readResult turns a non-blocking read into recvBody's results: done is
+// false when there was nothing to read (EAGAIN: wait for the socket).
 func readResult(m int, err error) (int, error, bool) {
 	switch {
-	case err == syscall.EAGAIN || err == syscall.EINTR:
+	case err == syscall.EAGAIN:
 		return 0, nil, false
 	case err != nil:
 		return 0, err, true
