@@ -134,14 +134,22 @@ func TestIntegrity64MiB(t *testing.T) {
 	if rep != 0 {
 		t.Fatalf("reply %d", rep)
 	}
-	down, err := transfer(c, 1, size)
+	exchange(t, c, got, 1, 2, size)
+}
+
+// exchange sends size bytes of seed up on c while reading the target's
+// answer (a shaTarget sending seed down), and checks both sha256 sums:
+// what c read, and what the target reports on got.
+func exchange(t *testing.T, c net.Conn, got <-chan [32]byte, up, down uint64, size int64) {
+	t.Helper()
+	sum, err := transfer(c, up, size)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if down != sumOf(2, size) {
+	if sum != sumOf(down, size) {
 		t.Fatal("target -> client: sha256 differs")
 	}
-	if up := <-got; up != sumOf(1, size) {
+	if s := <-got; s != sumOf(up, size) {
 		t.Fatal("client -> target: sha256 differs")
 	}
 }

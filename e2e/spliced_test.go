@@ -58,16 +58,7 @@ func TestSplicedIntegrity(t *testing.T) {
 
 	c := dialTCP(t, proxy)
 	_ = c.SetDeadline(time.Now().Add(60 * time.Second)) // lost bytes fail, not hang
-	down, err := transfer(c, 22, size)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if down != sumOf(21, size) {
-		t.Fatal("target -> client: sha256 differs")
-	}
-	if up := <-got; up != sumOf(22, size) {
-		t.Fatal("client -> target: sha256 differs")
-	}
+	exchange(t, c, got, 22, 21, size)
 	c.Close()
 	if srv.Spliced() == 0 || a.Stats.Bytes.Spliced.Load() == 0 {
 		t.Fatalf("spliced directions: server %d, agent %d; want both > 0", srv.Spliced(), a.Stats.Bytes.Spliced.Load())
@@ -298,13 +289,7 @@ func TestSplicedOff(t *testing.T) {
 			srv, a, proxy := splicedSetup(t, target, tc.sopt, tc.aopt)
 			c := dialTCP(t, proxy)
 			_ = c.SetDeadline(time.Now().Add(60 * time.Second))
-			down, err := transfer(c, 62, size)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if down != sumOf(61, size) || <-got != sumOf(62, size) {
-				t.Fatal("sha256 differs")
-			}
+			exchange(t, c, got, 62, 61, size)
 			if s, as := srv.Spliced(), a.Stats.Bytes.Spliced.Load(); s != 0 || as != 0 {
 				t.Fatalf("spliced directions: server %d, agent %d; want none", s, as)
 			}

@@ -124,7 +124,11 @@ const readBufSize = 64 << 10
 // hands yamux its frames and takes the spliced ones out (readSpliced).
 func (w *combiner) Read(p []byte) (int, error) {
 	if w.splices != nil {
-		return w.readDemux(p)
+		n, err := w.readDemux(p)
+		if err != nil { // the session's reader is done: so are its spliced streams
+			w.splices.endAll()
+		}
+		return n, err
 	}
 	if w.rpos < w.rlen {
 		n := copy(p, w.rbuf[w.rpos:w.rlen])
@@ -149,7 +153,6 @@ func (w *combiner) Read(p []byte) (int, error) {
 func (w *combiner) readDemux(p []byte) (int, error) {
 	for w.pass == 0 {
 		if err := w.fill(yamuxHeaderSize); err != nil {
-			w.splices.endAll()
 			return 0, err
 		}
 		h := w.rbuf[w.rpos : w.rpos+yamuxHeaderSize]
@@ -164,7 +167,6 @@ func (w *combiner) readDemux(p []byte) (int, error) {
 				continue
 			}
 			if err := w.readSpliced(id, flags, length); err != nil {
-				w.splices.endAll()
 				return 0, err
 			}
 			continue
@@ -184,13 +186,9 @@ func (w *combiner) readDemux(p []byte) (int, error) {
 		// A large body: straight into yamux's buffer, never past the frame.
 		m, err := w.Conn.Read(p[:n])
 		w.pass -= m
-		if m == 0 {
-			w.splices.endAll()
-		}
 		return m, err
 	}
 	if err := w.fill(1); err != nil {
-		w.splices.endAll()
 		return 0, err
 	}
 	n = copy(p[:n], w.rbuf[w.rpos:w.rlen])
@@ -305,14 +303,14 @@ func (w *combiner) Write(p []byte) (int, error) {
 	if w.wantBody && len(p) >= inlineMin {
 		// A large body: written with what is queued (its header last)
 		// in one writev once no write is in progress, never copied.
-		for w.err == nil && !w.closed && w.writing {
+		for w.dead() == nil && w.writing {
 			w.wait()
 		}
 		if w.err == nil && !w.closed {
 			return w.writeInline(p)
 		}
 	}
-	for w.err == nil && !w.closed && len(w.pending) > 0 && len(w.pending)+len(p) > w.max {
+	for w.dead() == nil && len(w.pending) > 0 && len(w.pending)+len(p) > w.max {
 		if w.hold {
 			// The flusher is idle, waiting for this body: let it send
 			// the header alone, or nobody makes room.
@@ -346,8 +344,7 @@ func (w *combiner) Write(p []byte) (int, error) {
 // without waking the flusher. Called with mu held and no write in
 // progress; returns with mu released.
 func (w *combiner) writeInline(p []byte) (int, error) {
-	buf := w.pending
-	w.pending, w.spare = w.spare[:0], nil
+	buf := w.takePending()
 	w.wantBody, w.hold = false, false
 	w.bufs = append(w.bufs[:0], buf, p)
 	w.writing = true
@@ -359,6 +356,14 @@ func (w *combiner) writeInline(p []byte) (int, error) {
 		return 0, err
 	}
 	return len(p), nil
+}
+
+// takePending hands the queue to a writer and starts a new one in the
+// spare buffer (recycle gives the written one back). Called with mu held.
+func (w *combiner) takePending() []byte {
+	buf := w.pending
+	w.pending, w.spare = w.spare[:0], nil
+	return buf
 }
 
 // recycle keeps a written queue buffer for the next one, unless it grew
@@ -386,8 +391,7 @@ func (w *combiner) flush() {
 			w.mu.Unlock()
 			return
 		}
-		buf := w.pending
-		w.pending = w.spare[:0]
+		buf := w.takePending()
 		w.writing = true
 		w.cond.Broadcast() // writers waiting for room
 		w.mu.Unlock()
@@ -412,7 +416,7 @@ func (w *combiner) queueFrame(p []byte) { _ = w.queueFrameErr(p) }
 func (w *combiner) queueFrameErr(p []byte) error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	for w.err == nil && !w.closed && w.wantBody {
+	for w.dead() == nil && w.wantBody {
 		w.wait()
 	}
 	if err := w.dead(); err != nil {
@@ -432,7 +436,7 @@ func (w *combiner) queueFrameErr(p []byte) error {
 func (w *combiner) writeDirect(p []byte) error {
 	w.mu.Lock()
 	large := len(p) >= inlineMin
-	for w.err == nil && !w.closed && (w.wantBody || large && w.writing ||
+	for w.dead() == nil && (w.wantBody || large && w.writing ||
 		!large && len(w.pending) > 0 && len(w.pending)+len(p) > w.max) {
 		w.wait()
 	}
@@ -472,8 +476,7 @@ func (w *combiner) writeYielding(p []byte) error {
 	w.mu.Unlock()
 	runtime.Gosched()
 	w.mu.Lock()
-	buf := w.pending
-	w.pending, w.spare = w.spare[:0], nil
+	buf := w.takePending()
 	w.hold = false          // a yamux data header may end buf: its body follows
 	if len(buf) == len(p) { // gathered nothing
 		w.contended--
@@ -488,15 +491,15 @@ func (w *combiner) writeYielding(p []byte) error {
 // pipe p, with nothing in between; the pipe holds exactly n bytes.
 func (w *combiner) writeSpliced(hdr []byte, p int, n int) error {
 	w.mu.Lock()
-	for w.err == nil && !w.closed && (w.writing || w.wantBody) {
+	for w.dead() == nil && (w.writing || w.wantBody) {
 		w.wait()
 	}
 	if err := w.dead(); err != nil {
 		w.mu.Unlock()
 		return err
 	}
-	buf := append(w.pending, hdr...)
-	w.pending, w.spare = w.spare[:0], nil
+	w.pending = append(w.pending, hdr...)
+	buf := w.takePending()
 	w.hold = false
 	w.writing = true
 	w.mu.Unlock()

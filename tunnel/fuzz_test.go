@@ -87,7 +87,7 @@ func FuzzReadPreamble(f *testing.F) {
 		if consumed[0] != 'R' || consumed[1] != RelayVersion && consumed[1] != RelayVersionRaw {
 			t.Fatalf("accepted preamble %x", consumed[:2])
 		}
-		checkHeader(t, StreamHeader{Generation: p.Generation, Target: p.Target, Client: p.Client}, Version2, consumed[2:])
+		checkHeader(t, p.header(), Version2, consumed[2:])
 		enc := p.Append(nil)
 		got, err := ReadPreamble(bytes.NewReader(enc))
 		if err != nil {

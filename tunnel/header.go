@@ -141,11 +141,21 @@ type Preamble struct {
 	Client     string
 }
 
+// header is the stream header a preamble carries (never spliced).
+func (p *Preamble) header() StreamHeader {
+	return StreamHeader{Generation: p.Generation, Target: p.Target, Client: p.Client}
+}
+
+// preambleOf is the preamble carrying h's fields.
+func preambleOf(h StreamHeader) Preamble {
+	return Preamble{Generation: h.Generation, Target: h.Target, Client: h.Client}
+}
+
 // Append appends the encoding of p: 'R', version, then a version-2 stream
 // header body.
 func (p *Preamble) Append(b []byte) []byte {
 	b = append(b, preambleMagic, RelayVersion)
-	h := StreamHeader{Generation: p.Generation, Target: p.Target, Client: p.Client}
+	h := p.header()
 	return h.Append(b, Version2)
 }
 
@@ -169,7 +179,7 @@ func ReadRelayPreamble(r io.Reader) (Preamble, byte, error) {
 	if err == nil && h.Spliced {
 		err = fmt.Errorf("%w: unknown stream kind %d", ErrProtocol, headerSpliced)
 	}
-	return Preamble{Generation: h.Generation, Target: h.Target, Client: h.Client}, mv[1], err
+	return preambleOf(h), mv[1], err
 }
 
 func appendTarget(b []byte, t Target) []byte {

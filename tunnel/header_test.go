@@ -82,7 +82,7 @@ func TestStreamHeaderNormalisation(t *testing.T) {
 
 func TestPreambleRoundTrip(t *testing.T) {
 	for _, h := range headerCases {
-		p := Preamble{Generation: h.Generation, Target: h.Target, Client: h.Client}
+		p := preambleOf(h)
 		enc := p.Append(nil)
 		if enc[0] != 'R' || enc[1] != RelayVersion {
 			t.Fatalf("preamble starts %x", enc[:2])
@@ -185,7 +185,7 @@ func TestTruncatedHeaders(t *testing.T) {
 				return err
 			}})
 		}
-		p := Preamble{Generation: h.Generation, Target: h.Target, Client: h.Client}
+		p := preambleOf(h)
 		decs = append(decs, decoder{"preamble", p.Append(nil), func(r io.Reader) error {
 			_, err := ReadPreamble(r)
 			return err

@@ -66,7 +66,7 @@ func ClientHandshake(conn net.Conn, h *Hello, set Settings) (*Session, *Welcome,
 	set.prepareSocket(conn)
 	h.SpliceWindow = 0
 	if set.canSplice(conn) {
-		h.SpliceWindow = set.spliceWindow()
+		h.SpliceWindow = set.streamWindow()
 	}
 	_ = conn.SetDeadline(time.Now().Add(set.HelloTimeout))
 	var buf bytes.Buffer
@@ -169,7 +169,7 @@ func Accept(conn net.Conn, w *Welcome, set Settings) (*Session, error) {
 	peer := w.SpliceWindow
 	w.SpliceWindow = 0
 	if peer != 0 && set.canSplice(conn) {
-		w.SpliceWindow = set.spliceWindow()
+		w.SpliceWindow = set.streamWindow()
 	}
 	if err := WriteFrame(conn, &Answer{Welcome: w}); err != nil {
 		conn.Close()

@@ -90,10 +90,7 @@ func (s Settings) yamux() *yamux.Config {
 	c.EnableKeepAlive = true
 	c.KeepAliveInterval = s.KeepAlive
 	c.ConnectionWriteTimeout = s.WriteTimeout
-	if s.Window < 256<<10 {
-		s.Window = 256 << 10
-	}
-	c.MaxStreamWindowSize = s.Window
+	c.MaxStreamWindowSize = s.streamWindow()
 	c.StreamOpenTimeout = 30 * time.Second
 	c.StreamCloseTimeout = 2 * time.Minute
 	c.LogOutput = nil
@@ -108,9 +105,9 @@ func (s Settings) canSplice(c net.Conn) bool {
 	return ok && !s.NoSplice
 }
 
-// spliceWindow is the credit a spliced stream grants its peer: the
-// stream window.
-func (s Settings) spliceWindow() uint32 { return max(s.Window, 256<<10) }
+// streamWindow is Window, raised to yamux's minimum (256 KiB): yamux's
+// largest stream window, and the credit a spliced stream grants.
+func (s Settings) streamWindow() uint32 { return max(s.Window, 256<<10) }
 
 // newCombiner wraps the tunnel connection for yamux; when both windows
 // are set (both ends splice), the combiner also carries spliced frames.

@@ -336,12 +336,14 @@ func (ss *splicedStream) queueBytes(p []byte) {
 	}
 }
 
-// ensurePipe creates the receive pipe if it is not there; without one
-// (no descriptors left) the bytes go to buffers. Called with rmu held.
-func (ss *splicedStream) ensurePipe() {
+// ensurePipe creates the receive pipe if it is not there and reports
+// whether there is one; without (no descriptors left) the bytes go to
+// buffers. Called with rmu held.
+func (ss *splicedStream) ensurePipe() bool {
 	if !ss.rpipe.ok() {
 		ss.rpipe, _ = newPipe()
 	}
+	return ss.rpipe.ok()
 }
 
 // take returns the head of the receive queue, waiting for one; ok is
@@ -391,10 +393,9 @@ func (ss *splicedStream) consumed(m int) (grant uint32) {
 // recvBody moves n body bytes of a spliced frame from the tunnel socket
 // fd: into the stream's pipe (a large body), or into pooled buffers (a
 // small one, or when the pipe is full), or nowhere (a stream that is not
-// or no longer registered). It
-// runs on the session's reader (yamux's receive goroutine) and never
-// blocks on the user side. Called from a RawConn.Read callback: it
-// returns false when the socket has nothing yet.
+// or no longer registered). It runs on the session's reader (yamux's
+// receive goroutine) and never blocks on the user side. Called from a
+// RawConn.Read callback: done is false when the socket has nothing yet.
 func (ss *splicedStream) recvBody(fd int, n int, scratch []byte) (moved int, err error, done bool) {
 	if ss != nil {
 		ss.rmu.Lock()
@@ -406,10 +407,7 @@ func (ss *splicedStream) recvBody(fd int, n int, scratch []byte) (moved int, err
 		}
 		return readResult(readNB(fd, scratch[:n]))
 	}
-	if n >= inlineMin {
-		ss.ensurePipe()
-	}
-	if n >= inlineMin && ss.rpipe.ok() {
+	if n >= inlineMin && ss.ensurePipe() {
 		m, err, done := spliceNB(fd, ss.rpipe.w, n)
 		switch {
 		case done && err == nil && m > 0:
@@ -420,7 +418,7 @@ func (ss *splicedStream) recvBody(fd int, n int, scratch []byte) (moved int, err
 		case done:
 			return 0, err, true
 		}
-		if !readable(fd) { // the socket is empty, not the pipe full
+		if ready, _ := netx.Peek(uintptr(fd)); !ready { // the socket is empty, not the pipe full
 			return 0, nil, false
 		}
 	}
@@ -461,13 +459,6 @@ func readResult(m int, err error) (int, error, bool) {
 		return 0, errEOFTunnel, true
 	}
 	return m, nil, true
-}
-
-// readable reports whether a read on fd would find data (or an error).
-func readable(fd int) bool {
-	var b [1]byte
-	_, _, err := unix.Recvfrom(fd, b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-	return err != syscall.EAGAIN && err != syscall.EINTR
 }
 
 // checkWindow takes n bytes off what the peer may still send.

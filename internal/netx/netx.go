@@ -127,18 +127,25 @@ func NewReadable(c net.Conn) *Readable {
 }
 
 func (r *Readable) peek(fd uintptr) bool {
+	ready, e := Peek(fd)
+	if e != 0 {
+		r.err = e
+	}
+	return ready
+}
+
+// Peek reports whether a read on the non-blocking socket fd would not
+// block (data, EOF or an error are pending), without reading; e is the
+// pending socket error, if any.
+func Peek(fd uintptr) (ready bool, e syscall.Errno) {
 	var b [1]byte
-	_, _, e := syscall.Syscall6(syscall.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&b[0])), 1,
+	_, _, e = syscall.Syscall6(syscall.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&b[0])), 1,
 		syscall.MSG_PEEK|syscall.MSG_DONTWAIT, 0, 0)
 	switch e {
 	case syscall.EAGAIN, syscall.EINTR:
-		return false
-	case 0:
-		return true
-	default:
-		r.err = e
-		return true
+		return false, 0
 	}
+	return true, e
 }
 
 // Wait blocks until the socket is readable. A nil waiter returns at once.
@@ -179,7 +186,10 @@ func (r *Readable) ReadBufMax(off, max int) (bp *[]byte, n int, err error) {
 		if bp == nil {
 			bp = GetBufFor(r.bulk)
 		}
-		buf := (*bp)[off : len(*bp)-4+min(off, 4)]
+		buf := (*bp)[off:]
+		if size := len(*bp) - 4; len(buf) > size { // the buffer's nominal size
+			buf = buf[:size]
+		}
 		if max > 0 && len(buf) > max {
 			buf = buf[:max]
 		}
