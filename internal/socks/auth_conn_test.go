@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/vpcreach/vpcreach/internal/testutil"
+	"github.com/vpcreach/vpcreach/registry"
 )
 
 // The registry in these tests is empty: a CONNECT the ACL allows is
@@ -462,5 +463,34 @@ func TestLogLimitedOverall(t *testing.T) {
 	}
 	if n := strings.Count(logs.String(), "storm line"); n != logBurst {
 		t.Fatalf("%d lines from %d sources within a second, want %d", n, 3*logBurst, logBurst)
+	}
+}
+
+// A connection a reload closed stays tracked until its handler ends; a
+// further reload before then does not revoke (count, log) it again.
+func TestApplyRevokesOnce(t *testing.T) {
+	bob := func(acl string) Config {
+		return Config{Listen: "127.0.0.1:1080", Users: []User{user(t, "bob", "bob-password", acl)}}
+	}
+	s := New(bob("10.0.0.0/8:*"), nil, testutil.Logger(t))
+	c, peer := net.Pipe()
+	defer c.Close()
+	defer peer.Close()
+	key, err := registry.ParseKey("10.1.0.5:80")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.mu.Lock()
+	st := &connState{user: s.live.Load().auth.users[0], key: key, connected: true}
+	s.conns[c] = st // as serve does; its handler has not ended yet
+	s.mu.Unlock()
+	if err := s.Apply(bob("10.2.0.0/16:*")); err != nil { // bob no longer reaches 10.1.0.5
+		t.Fatal(err)
+	}
+	if err := s.Apply(bob("10.3.0.0/16:*")); err != nil {
+		t.Fatal(err)
+	}
+	if n := s.revoked.Load(); n != 1 {
+		t.Fatalf("revoked %d times, want 1", n)
 	}
 }

@@ -59,14 +59,15 @@ func (s *Server) Apply(cfg Config) error {
 	s.mu.Lock()
 	s.live.Store(set)
 	for c, st := range s.conns {
-		if !st.connected {
-			continue // checked at its CONNECT, against set
+		if !st.connected || st.revoked {
+			continue // checked at its CONNECT, against set; or closed already
 		}
 		u, why := set.auth.permits(st.user, st.key)
 		if why == allowed {
 			st.user = u
 			continue
 		}
+		st.revoked = true
 		v := victim{c: c, key: st.key}
 		if st.user != nil {
 			v.user = st.user.name

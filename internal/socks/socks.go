@@ -147,6 +147,7 @@ type connState struct {
 	user      *userEntry
 	key       registry.Key
 	connected bool
+	revoked   bool // closed by a reload; it leaves conns when its handler ends
 }
 
 // connectResults are the bounded label values of CONNECT outcomes.
